@@ -1,0 +1,3 @@
+from certrelay import cli
+
+cli.main()
