@@ -1,0 +1,92 @@
+"""The one place that runs commands: every systemctl call and every `run` command.
+
+Each command runs with a timeout, without a shell, with stdin from /dev/null, in its
+own session (so a timeout kills its children too), and without NOTIFY_SOCKET: a child
+must not speak to systemd in the daemon's name.
+"""
+
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import subprocess
+
+logger = logging.getLogger(__name__)
+
+#: Environment variables that belong to certrelay's own service, not to its children.
+PRIVATE_ENVIRONMENT = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+OUTPUT_LIMIT = 400  # characters of a failed command's output repeated in the log
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """How a command ended: `ok`, and for a failure `detail` saying why."""
+
+    ok: bool
+    detail: str = ""
+    output: str = ""
+
+
+def run_command(argv, timeout):
+    """Run `argv` (a sequence of strings) and wait at most `timeout` seconds.
+
+    Return a `Result`; never raise for a command that is missing, fails or hangs.
+    """
+    environment = {key: value for key, value in os.environ.items() if key not in PRIVATE_ENVIRONMENT}
+    logger.debug("running %s", " ".join(argv))
+    try:
+        process = subprocess.Popen(
+            list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=environment, start_new_session=True,
+        )
+    except OSError as error:
+        return Result(False, f"cannot run {argv[0]}: {error.strerror}")
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        return Result(False, f"timed out after {timeout:g} s and was killed")
+    text = output.decode("utf-8", "replace").strip()
+    if process.returncode != 0:
+        if process.returncode < 0:
+            status = f"killed by signal {-process.returncode}"
+        else:
+            status = f"exit status {process.returncode}"
+        return Result(False, status + (": " + text[-OUTPUT_LIMIT:] if text else ""), text)
+    return Result(True, output=text)
+
+
+def systemctl(verb, unit, timeout):
+    """Run `systemctl VERB UNIT` with the systemctl found on PATH; return a `Result`."""
+    program = shutil.which("systemctl")
+    if program is None:
+        return Result(False, "systemctl not found on PATH; is this a systemd host?")
+    return run_command([program, verb, unit], timeout)
+
+
+def perform(action, timeout):
+    """Carry out one planned action; return its `Result`."""
+    if action.verb == "run":
+        return run_command(action.target, timeout)
+    return systemctl(action.verb, action.target, timeout)
+
+
+def apply(plan, timeout, dry_run=False):
+    """Carry out every action of `plan`, logging one line per action and outcome.
+
+    Return {action key: Result}. With `dry_run`, log what would be done and run nothing.
+    """
+    results = {}
+    for action in plan.actions:
+        if dry_run:
+            logger.info("would %s", action.describe())
+            continue
+        result = perform(action, timeout)
+        if result.ok:
+            logger.info("done: %s", action.describe())
+        else:
+            logger.error("failed: %s: %s", action.describe(), result.detail)
+        results[action.key] = result
+    return results

@@ -1,0 +1,338 @@
+"""The rules file: which certificates trigger which actions on the host.
+
+Parse and validate a TOML rules file into `Rules`. Validation collects every problem
+at once and reports each as `FILE:LINE: message`, so an admin fixes them in one pass.
+"""
+
+import dataclasses
+import fnmatch
+import os
+import re
+import stat
+import tomllib
+
+#: Unit actions, weakest first: per unit the strongest requested one wins.
+UNIT_VERBS = ("reload", "reload-or-restart", "restart")
+PLACEHOLDERS = ("name", "lineage", "domains")
+RULE_KEYS = {"match", "domains", *UNIT_VERBS, "run"}
+
+#: `[settings]` keys: name -> (default, minimum, maximum), all in seconds.
+SETTINGS = {
+    "timeout": (120.0, 1.0, 3600.0),  # per systemctl call or run command
+    "settle": (5.0, 0.0, 600.0),  # watch: wait this long for more notifications
+    "max-wait": (60.0, 0.0, 3600.0),  # watch: never hold a batch back longer
+    "retry-min": (30.0, 1.0, 86400.0),  # watch: first retry of a failed action
+    "retry-max": (3600.0, 1.0, 86400.0),  # watch: retry delay doubles up to this
+    "min-interval": (60.0, 0.0, 86400.0),  # per unit: least time between actions
+}
+
+UNIT_TYPES = (
+    "service", "socket", "target", "device", "mount", "automount", "swap",
+    "timer", "path", "slice", "scope",
+)
+# systemd's unit_name_is_valid(), minus glob characters (systemctl would expand them)
+# and minus a leading '-' (systemctl would read it as an option).
+UNIT_NAME = re.compile(r"[A-Za-z0-9:_.\\][A-Za-z0-9:_.\\-]*(@[A-Za-z0-9:_.\\-]+)?")
+GLOB_CHARACTERS = set("*?[")
+
+
+class RulesError(Exception):
+    """The rules file cannot be used; `problems` lists every `FILE:LINE: message`."""
+
+    def __init__(self, problems):
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One `[[rule]]`: selectors, then what to do for a certificate it selects."""
+
+    line: int
+    match: tuple = ()
+    domains: tuple = ()
+    units: tuple = ()  # ((verb, unit), ...)
+    run: tuple = ()  # (argv tuple, ...) with placeholders not yet filled in
+
+    def selects(self, name, domains):
+        """Return True if this rule applies to the certificate `name` covering `domains`."""
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.match):
+            return True
+        return any(
+            domain_matches(pattern, domain) for pattern in self.domains for domain in domains
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    """A validated rules file: its rules in file order, and the settings."""
+
+    path: str
+    rules: tuple
+    settings: dict
+
+    def matching(self, name, domains):
+        """Return the rules that select the certificate `name` covering `domains`."""
+        return [rule for rule in self.rules if rule.selects(name, domains)]
+
+
+def domain_matches(pattern, domain):
+    """Return True if the rule pattern selects a certificate covering `domain`.
+
+    Both are compared case-insensitively. A pattern is a glob on the domain name; a
+    wildcard certificate domain `*.example.ch` also covers a plain pattern naming one
+    host below it, like `mail.example.ch`.
+    """
+    pattern, domain = pattern.lower(), domain.lower()
+    if fnmatch.fnmatchcase(domain, pattern):
+        return True
+    if domain.startswith("*.") and not GLOB_CHARACTERS & set(pattern):
+        host, _, parent = pattern.partition(".")
+        return bool(host) and parent == domain[2:]
+    return False
+
+
+def normalize_unit(unit):
+    """Return the unit name systemd uses: `apache2` -> `apache2.service`."""
+    return unit if unit.rpartition(".")[2] in UNIT_TYPES else unit + ".service"
+
+
+def unit_problem(unit):
+    """Return why systemd would reject the unit name `unit`, or None if it is valid."""
+    if not unit:
+        return "a unit name is empty"
+    full = normalize_unit(unit)
+    prefix = full.rpartition(".")[0]
+    if len(full) > 255:
+        return f"unit name {unit!r} is longer than 255 characters"
+    if GLOB_CHARACTERS & set(unit):
+        return f"unit name {unit!r} has a glob character; name each unit"
+    if not prefix or not UNIT_NAME.fullmatch(prefix):
+        return (
+            f"unit name {unit!r} is not a valid systemd unit name"
+            " (letters, digits, ':', '_', '.', '-', one '@' with an instance)"
+        )
+    return None
+
+
+def load(path, check_permissions=None):
+    """Read and validate the rules file at `path`; return `Rules`.
+
+    Check ownership and modes when `check_permissions` is true (default: when running
+    as root). Raise RulesError listing every problem found.
+    """
+    if check_permissions is None:
+        check_permissions = os.geteuid() == 0
+    try:
+        with open(path, "rb") as file:
+            if check_permissions:
+                problems = permission_problems(path, os.fstat(file.fileno()))
+                if problems:
+                    raise RulesError(problems)
+            data = file.read()
+    except OSError as error:
+        raise RulesError([f"{path}: cannot read the rules file: {error.strerror}"]) from None
+    return parse(data, path)
+
+
+def permission_problems(path, file_stat):
+    """Return why a root process must not trust the rules file at `path`, if it must not."""
+    problems = []
+    directory = os.path.dirname(os.path.abspath(path))
+    for what, where, info in (
+        ("rules file", path, file_stat),
+        ("directory", directory, os.stat(directory)),
+    ):
+        if info.st_uid != 0:
+            problems.append(
+                f"{path}: refused: the {what} {where} is owned by uid {info.st_uid}, not root,"
+                f" so that user could choose what root runs; fix: chown root {where}"
+            )
+        sticky = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky:
+            problems.append(
+                f"{path}: refused: the {what} {where} is writable by group or others"
+                f" (mode {stat.S_IMODE(info.st_mode):04o}), so they could choose what root"
+                f" runs; fix: chmod go-w {where}"
+            )
+    return problems
+
+
+def parse(data, path="rules.toml"):
+    """Validate the TOML bytes `data` read from `path`; return `Rules`.
+
+    Raise RulesError with every problem, each as `PATH:LINE: message`.
+    """
+    try:
+        text = data.decode("utf-8")
+        document = tomllib.loads(text)
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise RulesError([f"{path}:{line}: the rules file is not UTF-8"]) from None
+    except tomllib.TOMLDecodeError as error:
+        found = re.search(r"\(at line (\d+), column (\d+)\)|\(at end of document\)", str(error))
+        line = int(found.group(1)) if found and found.group(1) else text.count("\n") + 1
+        message = str(error)[: found.start()].strip() if found else str(error)
+        raise RulesError([f"{path}:{line}: TOML syntax: {message}"]) from None
+    locator = Locator(text)
+    problems = []
+
+    def problem(line, message):
+        problems.append(f"{path}:{line}: {message}")
+
+    for key in document:
+        if key not in ("rule", "settings"):
+            problem(locator.top_level(key), f"unknown table or key {key!r}; expected [[rule]] or [settings]")
+    settings = parse_settings(document.get("settings", {}), locator, problem)
+    rule_tables = document.get("rule", [])
+    if not isinstance(rule_tables, list) or not all(isinstance(t, dict) for t in rule_tables):
+        problem(locator.top_level("rule"), "'rule' must be written as [[rule]] tables")
+        rule_tables = []
+    if not rule_tables and not problems:
+        problem(1, "no [[rule]] tables: nothing would ever be done; add at least one rule")
+    rules = [parse_rule(table, index, locator, problem) for index, table in enumerate(rule_tables)]
+    if problems:
+        raise RulesError(problems)
+    return Rules(path=path, rules=tuple(rules), settings=settings)
+
+
+def parse_settings(table, locator, problem):
+    """Return the settings with defaults filled in; report bad values through `problem`."""
+    settings = {key: default for key, (default, _, _) in SETTINGS.items()}
+    if not isinstance(table, dict):
+        problem(locator.top_level("settings"), "'settings' must be a table: [settings]")
+        return settings
+    for key, value in table.items():
+        line = locator.setting(key)
+        if key not in SETTINGS:
+            problem(line, f"unknown setting {key!r}; known: {', '.join(SETTINGS)}")
+            continue
+        _, low, high = SETTINGS[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problem(line, f"setting {key!r} must be a number of seconds")
+        elif not low <= value <= high:
+            problem(line, f"setting {key!r} must be between {low:g} and {high:g} seconds")
+        else:
+            settings[key] = float(value)
+    if settings["max-wait"] < settings["settle"]:
+        problem(locator.setting("max-wait"), "setting 'max-wait' must not be less than 'settle'")
+    if settings["retry-max"] < settings["retry-min"]:
+        problem(locator.setting("retry-max"), "setting 'retry-max' must not be less than 'retry-min'")
+    return settings
+
+
+def parse_rule(table, index, locator, problem):
+    """Return the `Rule` for the `index`th `[[rule]]` table; report problems through `problem`."""
+    start = locator.rule(index)
+
+    def line(key):
+        return locator.rule_key(index, key)
+
+    for key in table:
+        if key not in RULE_KEYS:
+            problem(line(key), f"unknown key {key!r} in [[rule]]; known: {', '.join(sorted(RULE_KEYS))}")
+
+    def strings(key):
+        value = table.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+            problem(line(key), f"{key!r} must be a list of non-empty strings, like {key} = [\"example.ch\"]")
+            return ()
+        return tuple(value)
+
+    match, domains = strings("match"), strings("domains")
+    units = []
+    for verb in UNIT_VERBS:
+        for unit in strings(verb):
+            reason = unit_problem(unit)
+            if reason:
+                problem(line(verb), reason)
+            else:
+                units.append((verb, normalize_unit(unit)))
+    run = parse_run(table.get("run", []), line("run"), problem)
+    if not table.get("match") and not table.get("domains"):
+        problem(start, "rule selects nothing: add match = [...] (lineage names) or domains = [...]")
+    if not any(table.get(key) for key in (*UNIT_VERBS, "run")):
+        problem(start, "rule has no action: add restart, reload, reload-or-restart or run")
+    return Rule(line=start, match=match, domains=domains, units=tuple(units), run=run)
+
+
+def parse_run(value, line, problem):
+    """Return `run` as a tuple of argv tuples; report problems through `problem`."""
+    example = 'run = [["/usr/local/bin/deploy-cert", "{name}"]]'
+    if not isinstance(value, list) or not all(isinstance(argv, list) for argv in value):
+        problem(line, f"'run' must be a list of commands, each a list of strings: {example}")
+        return ()
+    commands = []
+    for argv in value:
+        if not argv or not all(isinstance(item, str) for item in argv):
+            problem(line, f"each 'run' command must be a non-empty list of strings: {example}")
+            continue
+        if not os.path.isabs(argv[0]):
+            problem(line, f"run command {argv[0]!r} must be an absolute path (no PATH lookup, no shell)")
+        for item in argv:
+            try:
+                item.format_map({key: "" for key in PLACEHOLDERS})
+            except (KeyError, ValueError, IndexError, AttributeError) as error:
+                problem(
+                    line,
+                    f"run argument {item!r} has a bad placeholder ({error});"
+                    " use {name}, {lineage} or {domains}, and {{ }} for literal braces",
+                )
+        commands.append(tuple(argv))
+    return tuple(commands)
+
+
+class Locator:
+    """Find the line of a table or key in TOML text already known to be valid.
+
+    tomllib gives no positions, so scan the lines; fall back to the enclosing table's
+    line (or 1) for forms the scan does not know (dotted keys, inline tables).
+    """
+
+    TABLE = re.compile(r"\s*\[\s*([A-Za-z0-9_-]+)\s*\]\s*(#.*)?$")
+    ARRAY_TABLE = re.compile(r"\s*\[\[\s*([A-Za-z0-9_-]+)\s*\]\]\s*(#.*)?$")
+    KEY = re.compile(r"\s*\"?([A-Za-z0-9_-]+)\"?\s*=")
+
+    def __init__(self, text):
+        # (line number, kind, name): kind is "table", "array" or "key"
+        self.entries = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            for kind, pattern in (("array", self.ARRAY_TABLE), ("table", self.TABLE), ("key", self.KEY)):
+                found = pattern.match(line)
+                if found:
+                    self.entries.append((number, kind, found.group(1)))
+                    break
+        self.sections = []  # (start line, table name, keys {name: line})
+        current = (1, None, {})
+        for number, kind, name in self.entries:
+            if kind == "key":
+                current[2].setdefault(name, number)
+            else:
+                self.sections.append(current)
+                current = (number, name if kind == "table" else "[[" + name + "]]", {})
+        self.sections.append(current)
+
+    def top_level(self, name):
+        for start, section, keys in self.sections:
+            if section is None and name in keys:
+                return keys[name]
+            if section in (name, "[[" + name + "]]"):
+                return start
+        return 1
+
+    def setting(self, key):
+        for start, section, keys in self.sections:
+            if section == "settings":
+                return keys.get(key, start)
+        return 1
+
+    def _rule_section(self, index):
+        rules = [section for section in self.sections if section[1] == "[[rule]]"]
+        return rules[index] if index < len(rules) else (1, None, {})
+
+    def rule(self, index):
+        return self._rule_section(index)[0]
+
+    def rule_key(self, index, key):
+        start, _, keys = self._rule_section(index)
+        return keys.get(key, start)
