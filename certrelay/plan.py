@@ -63,7 +63,7 @@ def make_plan(notifications, rules, config_dir, done=None):
     """
     done = done or {}
     strength = {verb: index for index, verb in enumerate(rules_module.UNIT_VERBS)}
-    units = {}  # unit -> [verb, {certificate name}]; dicts keep first-seen order
+    units = {}  # unit -> [verb, {certificate name}]
     commands = {}  # argv -> {certificate name}
     needs = {}
     unmatched = []
@@ -92,8 +92,15 @@ def make_plan(notifications, rules, config_dir, done=None):
                 needed.add(key)
                 commands.setdefault(argv, set()).add(notification.name)
         needs[notification.entry] = needed
+    first_named = {}  # unit -> index of its first mention in the rules file
+    for rule in rules.rules:
+        for _, unit in rule.units:
+            first_named.setdefault(unit, len(first_named))
     actions = [Action("run", argv, tuple(sorted(names))) for argv, names in commands.items()]
-    actions += [Action(verb, unit, tuple(sorted(names))) for unit, (verb, names) in units.items()]
+    actions += [
+        Action(verb, unit, tuple(sorted(names)))
+        for unit, (verb, names) in sorted(units.items(), key=lambda item: first_named[item[0]])
+    ]
     return Plan(actions=actions, needs=needs, unmatched=unmatched)
 
 

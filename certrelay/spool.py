@@ -187,10 +187,11 @@ class Spool:
 
     def _quarantine(self, directory, raw_name, reason):
         """Move `raw_name` out of `directory` into quarantine/; return the error message."""
-        safe = re.sub(rb"[^A-Za-z0-9._-]", b"_", raw_name)[:100].lstrip(b".").decode() or "entry"
-        safe = safe.partition("@")[0] if directory == self.claimed else safe
-        target = os.path.join(self.quarantine, f"{safe}@{self._new_id()}")
         source = os.path.join(os.fsencode(directory), raw_name)
+        if directory == self.claimed:
+            raw_name = raw_name.partition(b"@")[0]  # name it as the queue entry it was
+        safe = re.sub(rb"[^A-Za-z0-9._-]", b"_", raw_name)[:100].lstrip(b".").decode() or "entry"
+        target = os.path.join(self.quarantine, f"{safe}@{self._new_id()}")
         shown = repr(os.fsdecode(raw_name))[:120]
         try:
             os.rename(source, target)

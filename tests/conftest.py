@@ -1,0 +1,125 @@
+"""Fixtures shared by the tests: a throw-away certbot config dir, rules, state dir and
+a recording `systemctl` on PATH, with certrelay run as a real process."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOOK = os.path.join(REPOSITORY, "hooks", "certrelay-hook")
+FAKE_SYSTEMCTL = os.path.join(REPOSITORY, "tests", "fake_systemctl")
+
+#: The write-up's setup: dovecot and exim4 serve only herzbube.ch, apache2 every domain.
+WRITE_UP_RULES = """\
+[[rule]]
+match = ["herzbube.ch"]
+restart = ["dovecot", "exim4"]
+
+[[rule]]
+match = ["*"]
+reload = ["apache2"]
+"""
+WRITE_UP_CERTIFICATES = (
+    "herzbube.ch", "moser-naef.ch", "francescamoser.ch", "francescamoser.ch-0001", "grunzwanzling.ch",
+)
+
+
+class Relay:
+    """One certrelay installation in a temporary directory, driven as a user would."""
+
+    def __init__(self, root):
+        self.root = str(root)
+        self.config_dir = os.path.join(self.root, "letsencrypt")
+        self.spool = os.path.join(self.config_dir, "certrelay")
+        self.rules_path = os.path.join(self.root, "etc", "rules.toml")
+        self.state_dir = os.path.join(self.root, "state")
+        self.bin = os.path.join(self.root, "bin")
+        self.processes = []
+        for directory in (self.config_dir, self.bin, os.path.dirname(self.rules_path)):
+            os.makedirs(directory, mode=0o755)
+        os.chmod(self.root, 0o755)
+        shutil.copy(FAKE_SYSTEMCTL, os.path.join(self.bin, "systemctl"))
+        for behaviour in ("fail", "hang", "block", "kill"):
+            os.makedirs(os.path.join(self.bin, behaviour))
+        self.write_rules(WRITE_UP_RULES)
+
+    def write_rules(self, text):
+        with open(self.rules_path, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.chmod(self.rules_path, 0o644)
+
+    def environment(self, **extra):
+        environment = dict(os.environ, PYTHONPATH=REPOSITORY, PATH=self.bin + os.pathsep + os.environ["PATH"])
+        for key in ("NOTIFY_SOCKET", "CERTRELAY_CONFIG_DIR", "CERTRELAY_RULES", "CERTRELAY_STATE_DIR"):
+            environment.pop(key, None)
+        environment.update(extra)
+        return environment
+
+    def publish(self, name, domains=None):
+        """Run the real deploy hook as certbot would for lineage `name`."""
+        domains = f"{name} *.{name}" if domains is None else domains
+        environment = dict(RENEWED_LINEAGE=os.path.join(self.config_dir, "live", name), RENEWED_DOMAINS=domains)
+        subprocess.run(["sh", HOOK], env=dict(os.environ, **environment), check=True)
+
+    def command(self, command="run", *arguments):
+        return [
+            sys.executable, "-m", "certrelay", command, "--config-dir", self.config_dir,
+            "--rules", self.rules_path, "--state-dir", self.state_dir, *arguments,
+        ]
+
+    def run(self, *arguments, command="run", **extra_environment):
+        """Run `certrelay COMMAND` to completion; return the CompletedProcess (text)."""
+        return subprocess.run(
+            self.command(command, *arguments), env=self.environment(**extra_environment),
+            capture_output=True, text=True, timeout=120,
+        )
+
+    def start(self, *arguments, command="run", **extra_environment):
+        """Start `certrelay COMMAND` in the background; it is killed when the test ends."""
+        process = subprocess.Popen(
+            self.command(command, *arguments), env=self.environment(**extra_environment),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.processes.append(process)
+        return process
+
+    def behave(self, behaviour, unit):
+        """Make the fake systemctl `fail`, `hang`, `block` or `kill` for `unit`."""
+        open(os.path.join(self.bin, behaviour, unit), "w").close()
+
+    def calls(self):
+        """Return the fake systemctl's calls, one "VERB UNIT" string each."""
+        try:
+            with open(os.path.join(self.bin, "calls"), encoding="utf-8") as file:
+                return file.read().splitlines()
+        except FileNotFoundError:
+            return []
+
+    def wait_for_calls(self, count, timeout=30):
+        deadline = time.monotonic() + timeout
+        while len(self.calls()) < count:
+            assert time.monotonic() < deadline, f"only these systemctl calls came: {self.calls()}"
+            time.sleep(0.02)
+
+    def entries(self, directory):
+        """Return the sorted names in spool subdirectory `directory` (bytes names decoded)."""
+        path = os.path.join(self.spool, directory)
+        return sorted(os.fsdecode(name) for name in os.listdir(os.fsencode(path))) if os.path.isdir(path) else []
+
+    def stop(self):
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture
+def relay(tmp_path):
+    instance = Relay(tmp_path)
+    yield instance
+    instance.stop()

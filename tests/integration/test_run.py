@@ -1,0 +1,295 @@
+"""`certrelay run` as a real process against a recording systemctl on PATH."""
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from tests.conftest import WRITE_UP_CERTIFICATES
+
+WRITE_UP_ACTIONS = ["reload apache2.service", "restart dovecot.service", "restart exim4.service"]
+
+
+def publish_write_up(relay):
+    for name in WRITE_UP_CERTIFICATES:
+        relay.publish(name)
+
+
+def test_run_with_write_up_certificates_gives_exactly_three_actions(relay):
+    publish_write_up(relay)
+
+    result = relay.run()
+
+    assert result.returncode == 0, result.stderr
+    assert sorted(relay.calls()) == WRITE_UP_ACTIONS
+    assert relay.entries("queue") == [] and relay.entries("claimed") == []
+    assert "restart dovecot.service (herzbube.ch)" in result.stderr
+    assert "reload apache2.service (francescamoser.ch, francescamoser.ch-0001, " in result.stderr
+
+
+def test_run_with_empty_queue_does_nothing_and_succeeds(relay):
+    result = relay.run()
+
+    assert result.returncode == 0
+    assert relay.calls() == []
+
+
+def test_run_with_failed_restart_keeps_notification_and_next_run_retries_only_that_unit(relay):
+    publish_write_up(relay)
+    relay.behave("fail", "exim4.service")
+
+    first = relay.run()
+
+    assert first.returncode == 1
+    assert sorted(relay.calls()) == WRITE_UP_ACTIONS
+    assert "failed: restart exim4.service (herzbube.ch): exit status 1: Job for exim4.service failed" in first.stderr
+    assert [entry.partition("@")[0] for entry in relay.entries("claimed")] == ["herzbube.ch"]
+    assert relay.entries("queue") == []
+
+    second = relay.run()
+
+    assert second.returncode == 1
+    assert relay.calls()[3:] == ["restart exim4.service"]
+
+    os.unlink(os.path.join(relay.bin, "fail", "exim4.service"))
+    third = relay.run()
+
+    assert third.returncode == 0, third.stderr
+    assert relay.calls()[4:] == ["restart exim4.service"]
+    assert relay.entries("claimed") == []
+    assert not os.path.exists(os.path.join(relay.state_dir, "progress.json")) or open(
+        os.path.join(relay.state_dir, "progress.json")
+    ).read().strip() == "{}"
+
+
+def test_run_quiet_prints_nothing_on_success_and_only_errors_on_failure(relay):
+    publish_write_up(relay)
+    assert relay.run("--quiet").stderr == ""
+
+    publish_write_up(relay)
+    relay.behave("fail", "dovecot.service")
+    result = relay.run("--quiet")
+
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert lines and all(line.startswith("error: ") for line in lines)
+    assert any("dovecot.service (herzbube.ch)" in line for line in lines)
+
+
+def test_run_dry_run_prints_plan_and_changes_nothing(relay):
+    publish_write_up(relay)
+    queue_before = relay.entries("queue")
+
+    result = relay.run("--dry-run")
+
+    assert result.returncode == 0
+    assert "would restart dovecot.service (herzbube.ch)" in result.stderr
+    assert "would restart exim4.service (herzbube.ch)" in result.stderr
+    assert relay.calls() == []
+    assert relay.entries("queue") == queue_before
+    assert not os.path.exists(relay.state_dir)
+
+
+def test_run_with_invalid_rules_exits_2_and_leaves_queue_alone(relay):
+    publish_write_up(relay)
+    relay.write_rules('[[rule]]\nmatch = ["*"]\nrestart = ["apache*"]\n')
+
+    result = relay.run()
+
+    assert result.returncode == 2
+    assert f"{relay.rules_path}:3: unit name 'apache*' has a glob character" in result.stderr
+    assert relay.entries("queue") == sorted(WRITE_UP_CERTIFICATES)
+    assert relay.calls() == []
+
+
+def test_run_refuses_rules_file_inside_certbot_config_dir(relay):
+    inside = os.path.join(relay.config_dir, "rules.toml")
+    os.rename(relay.rules_path, inside)
+    relay.rules_path = inside
+
+    result = relay.run()
+
+    assert result.returncode == 2
+    assert "inside the certbot config dir" in result.stderr
+
+
+def test_run_with_rules_writable_by_others_is_refused_as_root(relay):
+    if os.geteuid() != 0:
+        pytest.skip("the permission check applies only when running as root")
+    os.chmod(relay.rules_path, 0o666)
+
+    result = relay.run()
+
+    assert result.returncode == 2
+    assert "chmod go-w" in result.stderr
+
+
+def test_run_does_not_pass_notify_socket_to_systemctl(relay):
+    publish_write_up(relay)
+
+    result = relay.run(NOTIFY_SOCKET="/run/systemd/notify")
+
+    assert result.returncode == 0
+    assert "NOTIFY_SOCKET leaked into systemctl" not in relay.calls()
+
+
+def test_run_with_unmatched_certificate_warns_and_drops_it(relay):
+    relay.write_rules('[[rule]]\nmatch = ["herzbube.ch"]\nrestart = ["dovecot"]\n')
+    relay.publish("other.ch")
+
+    result = relay.run()
+
+    assert result.returncode == 0
+    assert "warning: dropped the notification for other.ch: no rule matches it" in result.stderr
+    assert relay.calls() == [] and relay.entries("claimed") == []
+
+
+def test_run_with_hanging_systemctl_times_out_and_still_does_other_units(relay):
+    relay.write_rules(
+        '[settings]\ntimeout = 1\n\n[[rule]]\nmatch = ["herzbube.ch"]\nrestart = ["dovecot", "exim4"]\n'
+    )
+    relay.publish("herzbube.ch")
+    relay.behave("hang", "dovecot.service")
+
+    result = relay.run()
+
+    assert result.returncode == 1
+    assert "restart dovecot.service (herzbube.ch): timed out after 1 s" in result.stderr
+    assert relay.calls() == ["restart dovecot.service", "restart exim4.service"]
+    assert len(relay.entries("claimed")) == 1
+
+
+def test_run_without_systemctl_says_so_and_keeps_notification(relay):
+    os.unlink(os.path.join(relay.bin, "systemctl"))
+    relay.publish("herzbube.ch")
+
+    result = relay.run(PATH=relay.bin + ":/nonexistent")
+
+    assert result.returncode == 1
+    assert "systemctl not found on PATH" in result.stderr
+    assert len(relay.entries("claimed")) == 1
+
+
+def test_run_command_gets_placeholders_as_single_arguments_without_shell(relay, tmp_path):
+    record = tmp_path / "argv"
+    program = tmp_path / "record-argv"
+    program.write_text(f'#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done >> {record}\n')
+    program.chmod(0o755)
+    relay.write_rules(f'[[rule]]\nmatch = ["*"]\nrun = [["{program}", "{{name}}", "{{domains}}", "{{lineage}}"]]\n')
+    relay.publish("herzbube.ch", "herzbube.ch *.herzbube.ch")
+
+    result = relay.run()
+
+    assert result.returncode == 0, result.stderr
+    assert record.read_text().splitlines() == [
+        "herzbube.ch", "herzbube.ch *.herzbube.ch", os.path.join(relay.config_dir, "live", "herzbube.ch"),
+    ]
+
+
+def test_second_run_waits_for_the_first_then_processes_what_is_left(relay):
+    relay.publish("herzbube.ch")
+    relay.behave("block", "dovecot.service")
+    first = relay.start()
+    relay.wait_for_calls(1)
+    relay.publish("moser-naef.ch")
+    second = relay.start()
+    time.sleep(0.5)
+
+    assert second.poll() is None, "the second run must wait for the lock"
+    open(os.path.join(relay.bin, "release"), "w").close()
+    assert first.wait(30) == 0 and second.wait(30) == 0
+    assert relay.calls() == [
+        "restart dovecot.service", "restart exim4.service", "reload apache2.service", "reload apache2.service",
+    ]
+    assert relay.entries("queue") == [] and relay.entries("claimed") == []
+
+
+def test_notification_arriving_mid_run_is_left_for_the_next_run(relay):
+    relay.publish("herzbube.ch")
+    relay.behave("block", "dovecot.service")
+    run = relay.start()
+    relay.wait_for_calls(1)
+    relay.publish("moser-naef.ch")
+    relay.publish("herzbube.ch")
+    open(os.path.join(relay.bin, "release"), "w").close()
+
+    assert run.wait(30) == 0
+    assert relay.entries("queue") == ["herzbube.ch", "moser-naef.ch"]
+    assert relay.run().returncode == 0
+    assert relay.entries("queue") == [] and relay.entries("claimed") == []
+    assert relay.calls()[3:] == ["restart dovecot.service", "restart exim4.service", "reload apache2.service"]
+
+
+@pytest.mark.parametrize(
+    "killed_at", ["dovecot.service", "exim4.service", "apache2.service"],
+    ids=["after-claim-in-first-action", "between-actions", "after-last-action-before-cleanup"],
+)
+def test_run_killed_at_any_step_loses_nothing_on_rerun(relay, killed_at):
+    publish_write_up(relay)
+    relay.behave("kill", killed_at)
+
+    killed = relay.run()
+    calls_before_rerun = len(relay.calls())
+
+    assert killed.returncode == -signal.SIGKILL
+    os.unlink(os.path.join(relay.bin, "kill", killed_at))
+    rerun = relay.run()
+
+    assert rerun.returncode == 0, rerun.stderr
+    assert relay.calls()[calls_before_rerun - 1].endswith(killed_at)
+    assert sorted(relay.calls()[calls_before_rerun:]) == WRITE_UP_ACTIONS
+    assert relay.entries("queue") == [] and relay.entries("claimed") == []
+
+
+def test_run_recovers_a_crashed_claim_half_done(relay):
+    publish_write_up(relay)
+    os.makedirs(os.path.join(relay.spool, "claimed"))
+    for name in WRITE_UP_CERTIFICATES[:2]:
+        os.rename(os.path.join(relay.spool, "queue", name), os.path.join(relay.spool, "claimed", f"{name}@1"))
+
+    result = relay.run()
+
+    assert result.returncode == 0, result.stderr
+    assert sorted(relay.calls()) == WRITE_UP_ACTIONS
+    assert relay.entries("claimed") == [] and relay.entries("queue") == []
+
+
+def make_hostile_entries(queue):
+    """Create one of each hostile kind of entry in `queue`; return how many."""
+    os.symlink("/etc/shadow", os.path.join(queue, "shadow-link"))
+    os.symlink(os.path.join(queue, "nowhere"), os.path.join(queue, "dangling"))
+    os.mkfifo(os.path.join(queue, "fifo"))
+    os.mkdir(os.path.join(queue, "directory"))
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(os.path.join(queue, "socket"))
+    with open(os.path.join(queue, "huge"), "wb") as file:
+        file.write(b"version=1\n" + b"x" * (65 * 1024))
+    with open(os.path.join(queue, "binary"), "wb") as file:
+        file.write(bytes(range(256)))
+    for raw_name in (b"not-utf8-\xff", b"new\nline", b"$(reboot);`id`", b"x" * 254 + b"!", b".hidden"):
+        with open(os.path.join(os.fsencode(queue), raw_name), "wb") as file:
+            file.write(b"version=1\nname=x\nlineage=/x\ndomains=x\ntime=2026-01-01T00:00:00Z\n")
+    with open(os.path.join(queue, "forged"), "w") as file:
+        file.write("version=1\nname=herzbube.ch\nlineage=/x\ndomains=x\ntime=2026-01-01T00:00:00Z\n")
+    return 13
+
+
+def test_hostile_queue_entries_are_quarantined_and_valid_ones_still_processed(relay):
+    publish_write_up(relay)
+    count = make_hostile_entries(os.path.join(relay.spool, "queue"))
+
+    result = relay.run()
+
+    assert result.returncode == 1
+    assert sorted(relay.calls()) == WRITE_UP_ACTIONS
+    assert relay.entries("queue") == [] and relay.entries("claimed") == []
+    assert len(relay.entries("quarantine")) == count
+    assert result.stderr.count("error: quarantined spool entry") == count
+    assert "'shadow-link': not a regular file (symbolic link)" in result.stderr
+    assert "'fifo': not a regular file (FIFO)" in result.stderr
+    assert "'forged': name 'herzbube.ch' does not match the file name" in result.stderr
+    quarantined_link = [e for e in relay.entries("quarantine") if e.startswith("shadow-link@")][0]
+    assert os.readlink(os.path.join(relay.spool, "quarantine", quarantined_link)) == "/etc/shadow"
+    assert os.path.exists("/etc/shadow")
