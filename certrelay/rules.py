@@ -21,8 +21,8 @@ SETTINGS = {
     "timeout": (120.0, 1.0, 3600.0),  # per systemctl call or run command
     "settle": (5.0, 0.0, 600.0),  # watch: wait this long for more notifications
     "max-wait": (60.0, 0.0, 3600.0),  # watch: never hold a batch back longer
-    "retry-min": (30.0, 1.0, 86400.0),  # watch: first retry of a failed action
-    "retry-max": (3600.0, 1.0, 86400.0),  # watch: retry delay doubles up to this
+    "retry-min": (30.0, 0.1, 86400.0),  # watch: first retry of a failed action
+    "retry-max": (3600.0, 0.1, 86400.0),  # watch: retry delay doubles up to this
     "min-interval": (60.0, 0.0, 86400.0),  # per unit: least time between actions
 }
 

@@ -135,20 +135,21 @@ class Watcher:
         with self.feeding_watchdog():
             try:
                 outcome = batch.process(self.config_dir, self.rules, self.state_dir)
+                summary = outcome.summary()
             except OSError as error:
-                logger.error("batch failed: %s", error)
-                outcome = batch.Outcome(kept=1)
-        left = outcome.kept or spool_module.Spool(self.config_dir).claimed_count()
-        if left:
+                summary = f"batch failed: {error}"
+                logger.error("%s", summary)
+                outcome = None
+        if outcome is None or outcome.kept:  # a failed batch is retried like a failed action
             settings = self.rules.settings
             delay = settings["retry-min"] if self.retry_delay is None else self.retry_delay * 2
             self.retry_delay = min(delay, settings["retry-max"])
             self.retry_at = time.monotonic() + self.retry_delay
-            logger.info("%d notification(s) kept; retrying in %g s", left, self.retry_delay)
+            logger.info("retrying in %g s", self.retry_delay)
         else:
             self.retry_delay = self.retry_at = None
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        self.last_status = f"last batch {stamp}: {outcome.summary()}" + (
+        self.last_status = f"last batch {stamp}: {summary}" + (
             f"; retry in {self.retry_delay:g} s" if self.retry_delay else ""
         )
         self.systemd.send(f"STATUS={self.last_status}")

@@ -1,0 +1,208 @@
+"""`certrelay watch` as a real process, speaking sd_notify to a socket the test holds."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import WRITE_UP_CERTIFICATES, WRITE_UP_RULES
+
+FAST = "[settings]\nsettle = 0.5\nmax-wait = 5\nretry-min = 0.3\nretry-max = 1\n\n"
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's notify socket; collects messages."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.socket.bind(self.path)
+        self.messages = []
+        self.process = None  # the daemon, whose output a failed wait shows
+
+    def wait_for(self, predicate, timeout=30):
+        """Return the first message (str) for which `predicate` holds, reading as needed."""
+        for message in self.messages:
+            if predicate(message):
+                return message
+        deadline = time.monotonic() + timeout
+        while True:
+            exited = self.process is not None and self.process.poll() is not None
+            remaining = deadline - time.monotonic()
+            self.socket.settimeout(0 if exited else max(0, min(remaining, 1)))
+            try:
+                message = self.socket.recv(4096).decode("utf-8")
+            except (TimeoutError, BlockingIOError):
+                if exited or remaining <= 0:
+                    output = self.process.communicate()[0] if exited else "(still running)"
+                    pytest.fail(f"no matching sd_notify message in {self.messages}; daemon output: {output}")
+                continue
+            self.messages.append(message)
+            if predicate(message):
+                return message
+
+
+@pytest.fixture
+def notify(tmp_path):
+    listener = NotifySocket(tmp_path / "notify")
+    yield listener
+    listener.socket.close()
+
+
+def start_watch(relay, notify, *arguments, **environment):
+    notify.process = relay.start(*arguments, command="watch", NOTIFY_SOCKET=notify.path, **environment)
+    return notify.process
+
+
+def test_watch_batches_a_burst_of_renewals_into_one_action_per_unit(relay, notify):
+    relay.write_rules(FAST + WRITE_UP_RULES)
+    start_watch(relay, notify)
+    notify.wait_for(lambda m: "READY=1" in m)
+
+    for name in WRITE_UP_CERTIFICATES:
+        relay.publish(name)
+    status = notify.wait_for(lambda m: "STATUS=last batch" in m and "5 notification(s)" in m)
+
+    assert sorted(relay.calls()) == ["reload apache2.service", "restart dovecot.service", "restart exim4.service"]
+    assert "3/3 action(s) done" in status
+    assert relay.entries("queue") == [] and relay.entries("claimed") == []
+    assert "NOTIFY_SOCKET leaked into systemctl" not in relay.calls()
+
+
+def test_watch_processes_what_was_pending_before_it_says_ready(relay, notify):
+    relay.publish("herzbube.ch")
+    start_watch(relay, notify)
+
+    notify.wait_for(lambda m: "READY=1" in m)
+
+    assert sorted(relay.calls()) == ["reload apache2.service", "restart dovecot.service", "restart exim4.service"]
+
+
+def test_watch_pings_the_watchdog_when_asked_to(relay, notify):
+    start_watch(relay, notify, WATCHDOG_USEC="200000")
+    notify.wait_for(lambda m: "READY=1" in m)
+
+    for _ in range(3):
+        notify.wait_for(lambda m: m == "WATCHDOG=1", timeout=5)
+        notify.messages.clear()
+
+
+def test_watch_ignores_a_watchdog_meant_for_another_process(relay, notify):
+    process = start_watch(relay, notify, WATCHDOG_USEC="100000", WATCHDOG_PID="1")
+    notify.wait_for(lambda m: "READY=1" in m)
+    process.send_signal(signal.SIGTERM)
+    notify.wait_for(lambda m: "STOPPING=1" in m)
+
+    assert "WATCHDOG=1" not in notify.messages
+
+
+def test_watch_reload_with_invalid_rules_keeps_the_old_ones(relay, notify):
+    relay.write_rules(FAST + WRITE_UP_RULES)
+    process = start_watch(relay, notify)
+    notify.wait_for(lambda m: "READY=1" in m)
+    notify.messages.clear()
+    relay.write_rules('[[rule]]\nmatch = ["*"]\nrestart = ["bad unit"]\n')
+
+    process.send_signal(signal.SIGHUP)
+    notify.wait_for(lambda m: "RELOADING=1" in m)
+    notify.wait_for(lambda m: "READY=1" in m)
+    relay.publish("herzbube.ch")
+    notify.wait_for(lambda m: "1 notification(s)" in m)
+
+    assert sorted(relay.calls()) == ["reload apache2.service", "restart dovecot.service", "restart exim4.service"]
+
+
+def test_watch_reload_with_valid_rules_uses_them(relay, notify):
+    relay.write_rules(FAST + WRITE_UP_RULES)
+    process = start_watch(relay, notify)
+    notify.wait_for(lambda m: "READY=1" in m)
+    relay.write_rules(FAST + '[[rule]]\nmatch = ["*"]\nrestart = ["nginx"]\n')
+
+    process.send_signal(signal.SIGHUP)
+    notify.wait_for(lambda m: "RELOADING=1" in m)
+    relay.publish("herzbube.ch")
+    notify.wait_for(lambda m: "1 notification(s)" in m)
+
+    assert relay.calls() == ["restart nginx.service"]
+
+
+def test_watch_stops_cleanly_on_sigterm(relay, notify):
+    process = start_watch(relay, notify)
+    notify.wait_for(lambda m: "READY=1" in m)
+
+    process.send_signal(signal.SIGTERM)
+
+    assert process.wait(timeout=5) == 0
+    notify.wait_for(lambda m: "STOPPING=1" in m)
+
+
+def test_watch_retries_a_failed_action_with_a_growing_delay(relay, notify):
+    relay.write_rules(FAST + WRITE_UP_RULES)
+    relay.behave("fail", "exim4.service")
+    relay.publish("herzbube.ch")
+    start_watch(relay, notify)
+
+    notify.wait_for(lambda m: "retry in 0.3 s" in m)
+    notify.wait_for(lambda m: "retry in 0.6 s" in m)
+    notify.wait_for(lambda m: "retry in 1 s" in m)
+    os.unlink(os.path.join(relay.bin, "fail", "exim4.service"))
+    relay.publish("herzbube.ch")  # retried anyway; this one must not be lost either
+    notify.wait_for(lambda m: "STATUS=last batch" in m and "retry" not in m and "notification" in m)
+
+    calls = relay.calls()
+    assert calls[:3] == ["restart dovecot.service", "restart exim4.service", "reload apache2.service"]
+    assert set(calls[3:-3]) == {"restart exim4.service"}
+    assert relay.entries("claimed") == [] and relay.entries("queue") == []
+
+
+def test_watch_watches_a_removed_and_recreated_queue_again(relay, notify):
+    relay.write_rules(FAST + WRITE_UP_RULES)
+    start_watch(relay, notify)
+    notify.wait_for(lambda m: "READY=1" in m)
+    queue = os.path.join(relay.spool, "queue")
+
+    shutil.rmtree(queue)
+    time.sleep(0.3)
+    relay.publish("herzbube.ch")
+    notify.wait_for(lambda m: "1 notification(s)" in m)
+
+    assert len(relay.calls()) == 3
+
+
+def test_watch_survives_an_entry_whose_name_is_not_utf8(relay, notify):
+    relay.write_rules(FAST + WRITE_UP_RULES)
+    process = start_watch(relay, notify)
+    notify.wait_for(lambda m: "READY=1" in m)
+
+    with open(os.path.join(os.fsencode(relay.spool), b"queue", b"bad-\xff"), "wb") as file:
+        file.write(b"x")
+    notify.wait_for(lambda m: "1 quarantined" in m)
+    relay.publish("moser-naef.ch")
+    notify.wait_for(lambda m: "1 notification(s)" in m)
+
+    assert process.poll() is None
+    assert relay.calls() == ["reload apache2.service"]
+
+
+def test_watch_poll_finds_notifications_inotify_cannot_see(relay, notify, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to bind-mount over the watched queue")
+    relay.write_rules(FAST + WRITE_UP_RULES)
+    start_watch(relay, notify, "--poll", "0.5")
+    notify.wait_for(lambda m: "READY=1" in m)
+    # Mount a copy of the spool over it: the watch stays on the old queue directory's
+    # inode, so, as on NFS, inotify never sees what lands in the new one.
+    hidden = tmp_path / "spool-copy"
+    shutil.copytree(relay.spool, hidden)
+    subprocess.run(["mount", "--bind", str(hidden), relay.spool], check=True)
+    try:
+        relay.publish("herzbube.ch")
+        notify.wait_for(lambda m: "1 notification(s)" in m)
+    finally:
+        subprocess.run(["umount", relay.spool], check=True)
+
+    assert len(relay.calls()) == 3
