@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from certrelay import __version__, batch, execute, plan as plan_module, rules as rules_module, spool as spool_module
+from certrelay import __version__, batch, execute, plan as plan_module, rules as rules_module, spool as spool_module, state
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_CONFIG = 0, 1, 2
 HOOK_NAME = "certrelay-hook"
@@ -69,8 +69,11 @@ def common_options(function):
     return wrapper
 
 
-def load_rules(rules_path, config_dir):
-    """Return the validated rules, or exit 2 printing every problem and how to fix it."""
+def load_rules(rules_path, config_dir, on_error=None):
+    """Return the validated rules, or exit 2 printing every problem and how to fix it.
+
+    Call `on_error()` before exiting, if given.
+    """
     problems = []
     if is_inside(rules_path, config_dir):
         problems.append(
@@ -85,6 +88,8 @@ def load_rules(rules_path, config_dir):
         for problem in problems:
             logger.error("%s", problem)
         logger.error("nothing was processed; fix the rules file, then check it: certrelay check")
+        if on_error:
+            on_error()
         sys.exit(EXIT_CONFIG)
     return rules
 
@@ -104,9 +109,22 @@ def main():
 @main.command()
 @common_options
 @click.option("--dry-run", "-n", is_flag=True, envvar="CERTRELAY_DRY_RUN", help="Print the plan; change nothing.")
-def run(config_dir, rules_path, state_dir, dry_run):
+@click.option(
+    "--empty-queue-on-error", is_flag=True,
+    help="On a configuration error, still move the queue into claimed/ (kept for the next run), so that"
+    " a DirectoryNotEmpty= path unit does not fire again and again.",
+)
+def run(config_dir, rules_path, state_dir, dry_run, empty_queue_on_error):
     """Process every pending notification once (for cron and the path unit)."""
-    rules = load_rules(rules_path, config_dir)
+
+    def keep_for_later():
+        with state.locked(state_dir):
+            notifications, problems = spool_module.Spool(config_dir).claim()
+        for problem in problems:
+            logger.error("%s", problem)
+        logger.error("%d notification(s) kept in claimed/ until the rules are fixed", len(notifications))
+
+    rules = load_rules(rules_path, config_dir, keep_for_later if empty_queue_on_error and not dry_run else None)
     try:
         outcome = batch.process(config_dir, rules, state_dir, dry_run=dry_run)
     except OSError as error:
@@ -119,9 +137,13 @@ def run(config_dir, rules_path, state_dir, dry_run):
 
 @main.command()
 @common_options
-def check(config_dir, rules_path, state_dir):
+@click.option("--rules-only", is_flag=True, help="Check only the rules file (for ExecStartPre= and ExecReload=).")
+def check(config_dir, rules_path, state_dir, rules_only):
     """Validate the rules file and the setup; exit 0 if usable, 2 if not."""
     rules = load_rules(rules_path, config_dir)
+    if rules_only:
+        logger.info("%s: ok, %d rule(s)", rules_path, len(rules.rules))
+        return
     problems = []
     hook = os.path.join(config_dir, "renewal-hooks", "deploy", HOOK_NAME)
     if not os.path.isdir(config_dir):

@@ -9,6 +9,7 @@ import fnmatch
 import os
 import re
 import stat
+import string
 import tomllib
 
 #: Unit actions, weakest first: per unit the strongest requested one wins.
@@ -32,7 +33,7 @@ UNIT_TYPES = (
 )
 # systemd's unit_name_is_valid(), minus glob characters (systemctl would expand them)
 # and minus a leading '-' (systemctl would read it as an option).
-UNIT_NAME = re.compile(r"[A-Za-z0-9:_.\\][A-Za-z0-9:_.\\-]*(@[A-Za-z0-9:_.\\-]+)?")
+UNIT_NAME = re.compile(r"[A-Za-z0-9:_\\][A-Za-z0-9:_.\\-]*(@[A-Za-z0-9:_.\\-]+)?")
 GLOB_CHARACTERS = set("*?[")
 
 
@@ -171,7 +172,7 @@ def parse(data, path="rules.toml"):
         raise RulesError([f"{path}:{line}: the rules file is not UTF-8"]) from None
     except tomllib.TOMLDecodeError as error:
         found = re.search(r"\(at line (\d+), column (\d+)\)|\(at end of document\)", str(error))
-        line = int(found.group(1)) if found and found.group(1) else text.count("\n") + 1
+        line = int(found.group(1)) if found and found.group(1) else max(1, len(text.splitlines()))
         message = str(error)[: found.start()].strip() if found else str(error)
         raise RulesError([f"{path}:{line}: TOML syntax: {message}"]) from None
     locator = Locator(text)
@@ -188,7 +189,7 @@ def parse(data, path="rules.toml"):
     if not isinstance(rule_tables, list) or not all(isinstance(t, dict) for t in rule_tables):
         problem(locator.top_level("rule"), "'rule' must be written as [[rule]] tables")
         rule_tables = []
-    if not rule_tables and not problems:
+    elif not rule_tables:
         problem(1, "no [[rule]] tables: nothing would ever be done; add at least one rule")
     rules = [parse_rule(table, index, locator, problem) for index, table in enumerate(rule_tables)]
     if problems:
@@ -270,16 +271,31 @@ def parse_run(value, line, problem):
         if not os.path.isabs(argv[0]):
             problem(line, f"run command {argv[0]!r} must be an absolute path (no PATH lookup, no shell)")
         for item in argv:
-            try:
-                item.format_map({key: "" for key in PLACEHOLDERS})
-            except (KeyError, ValueError, IndexError, AttributeError) as error:
+            reason = placeholder_problem(item)
+            if reason:
                 problem(
                     line,
-                    f"run argument {item!r} has a bad placeholder ({error});"
+                    f"run argument {item!r} has {reason};"
                     " use {name}, {lineage} or {domains}, and {{ }} for literal braces",
                 )
         commands.append(tuple(argv))
     return tuple(commands)
+
+
+def placeholder_problem(item):
+    """Return what is wrong with the placeholders in a `run` argument, or None.
+
+    Only bare {name}, {lineage} and {domains} are allowed: no attribute, index,
+    conversion or format spec, which would let str.format reach past the value.
+    """
+    try:
+        fields = list(string.Formatter().parse(item))
+    except ValueError as error:
+        return f"a bad placeholder ({error})"
+    for _, field, spec, conversion in fields:
+        if field is not None and (field not in PLACEHOLDERS or spec or conversion):
+            return f"a bad placeholder {{{field}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+    return None
 
 
 class Locator:

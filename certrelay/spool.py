@@ -21,11 +21,13 @@ import time
 
 logger = logging.getLogger(__name__)
 
-NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
-CLAIMED_NAME = re.compile(r"(?P<name>[A-Za-z0-9_-][A-Za-z0-9._-]{0,254})@(?P<id>[0-9]{1,30})")
-DOMAIN = re.compile(r"[A-Za-z0-9*_-][A-Za-z0-9*._-]{0,252}")
+# Names and domains end up as arguments of `run` commands: none may start with '-'.
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
+CLAIMED_NAME = re.compile(r"(?P<name>[A-Za-z0-9_][A-Za-z0-9._-]{0,254})@(?P<id>[0-9]{1,30})")
+LABEL = r"[A-Za-z0-9_][A-Za-z0-9_-]{0,62}"
+DOMAIN = re.compile(rf"(?=.{{1,253}}$)(\*\.)?{LABEL}(\.{LABEL})*")
 MAX_SIZE = 64 * 1024
-BAD_NAME = "the name is not [A-Za-z0-9._-]{1,255}, or starts with '.'"
+BAD_NAME = "the name is not [A-Za-z0-9._-]{1,255}, or starts with '.' or '-'"
 REQUIRED_KEYS = ("version", "name", "lineage", "domains", "time")
 
 

@@ -231,6 +231,7 @@ REJECTED = {
     ),
     "hidden-name": ({"RENEWED_LINEAGE": "{config}/live/.x"}, "starts with '.'"),
     "dot-dot-name": ({"RENEWED_LINEAGE": "{config}/live/.."}, "starts with '.'"),
+    "option-like-name": ({"RENEWED_LINEAGE": "{config}/live/-rf"}, "starts with '-'"),
     "name-of-256-characters": ({"RENEWED_LINEAGE": "{config}/live/" + "n" * 256}, "more than 255"),
     "newline-in-lineage": ({"RENEWED_LINEAGE": "{config}/live/x\ny"}, "RENEWED_LINEAGE contains a newline"),
     "carriage-return-in-lineage": (

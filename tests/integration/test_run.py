@@ -1,13 +1,14 @@
 """`certrelay run` as a real process against a recording systemctl on PATH."""
 
 import os
+import shutil
 import signal
 import socket
 import time
 
 import pytest
 
-from tests.conftest import WRITE_UP_CERTIFICATES
+from tests.conftest import HOOK, WRITE_UP_CERTIFICATES
 
 WRITE_UP_ACTIONS = ["reload apache2.service", "restart dovecot.service", "restart exim4.service"]
 
@@ -293,3 +294,49 @@ def test_hostile_queue_entries_are_quarantined_and_valid_ones_still_processed(re
     quarantined_link = [e for e in relay.entries("quarantine") if e.startswith("shadow-link@")][0]
     assert os.readlink(os.path.join(relay.spool, "quarantine", quarantined_link)) == "/etc/shadow"
     assert os.path.exists("/etc/shadow")
+
+
+def test_run_empty_queue_on_error_moves_queue_aside_then_processes_it_once_rules_are_fixed(relay):
+    publish_write_up(relay)
+    good_rules = open(relay.rules_path).read()
+    relay.write_rules("[[rule]]\nmatch = 1\n")
+
+    broken = relay.run("--empty-queue-on-error")
+
+    assert broken.returncode == 2
+    assert relay.entries("queue") == []
+    assert len(relay.entries("claimed")) == len(WRITE_UP_CERTIFICATES)
+    assert relay.calls() == []
+    relay.write_rules(good_rules)
+    assert relay.run().returncode == 0
+    assert sorted(relay.calls()) == WRITE_UP_ACTIONS and relay.entries("claimed") == []
+
+
+def test_check_reports_missing_hook_and_exits_2_then_0_once_installed(relay):
+    missing = relay.run(command="check")
+
+    assert missing.returncode == 2
+    assert "the deploy hook is not installed" in missing.stderr
+    hook_dir = os.path.join(relay.config_dir, "renewal-hooks", "deploy")
+    os.makedirs(hook_dir)
+    shutil.copy(HOOK, os.path.join(hook_dir, "certrelay-hook"))
+    assert relay.run(command="check").returncode == 0
+
+
+def test_check_rules_only_reports_rule_problems_with_lines(relay):
+    relay.write_rules('[[rule]]\nmatch = ["*"]\nrestart = ["-x"]\nfrobnicate = 1\n')
+
+    result = relay.run("--rules-only", command="check")
+
+    assert result.returncode == 2
+    assert f"{relay.rules_path}:3: unit name '-x'" in result.stderr
+    assert f"{relay.rules_path}:4: unknown key 'frobnicate'" in result.stderr
+
+
+def test_explain_shows_matching_rules_and_planned_actions(relay):
+    result = relay.run("herzbube.ch", command="explain")
+
+    assert result.returncode == 0
+    assert f"{relay.rules_path}:1: rule selects it" in result.stdout
+    assert f"{relay.rules_path}:5: rule selects it" in result.stdout
+    assert "would restart exim4.service (herzbube.ch)" in result.stdout

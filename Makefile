@@ -1,0 +1,110 @@
+# certrelay: make [all] | install | uninstall | install-hook | test | demo | e2e | bench | clean
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+PKGLIBDIR ?= $(PREFIX)/lib/certrelay
+SHAREDIR ?= $(PREFIX)/share/certrelay
+DOCDIR ?= $(PREFIX)/share/doc/certrelay
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+SYSCONFDIR ?= /etc
+CONFIG_DIR ?= /etc/letsencrypt
+STATE_DIR ?= /var/lib/certrelay
+RULES ?= $(SYSCONFDIR)/certrelay/rules.toml
+DOCKER ?= /usr/bin/docker
+# The server's own python3: with Debian's python3-click, -pyinotify, -sdnotify, no pip.
+PYTHON ?= /usr/bin/python3
+# The newest Python, with the newest packages from PyPI, for the second test run.
+PYTHON_NEWEST ?= $(firstword $(shell command -v python3.13) $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13))
+VENV_NEWEST = .cache/venv-newest
+PYTEST_FLAGS ?= -q
+
+UNITS = certrelay.path certrelay.service certrelay-retry.timer certrelay-watch.service \
+        certbot-docker-renew.service certbot-docker-renew.timer
+PATHS = $(BINDIR) $(PKGLIBDIR) $(DOCDIR) $(CONFIG_DIR) $(STATE_DIR) $(RULES) $(PYTHON) $(DOCKER)
+BUILT = $(addprefix build/units/,$(UNITS)) build/bin/certrelay
+SUBSTITUTE = sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@PKGLIBDIR@|$(PKGLIBDIR)|g' \
+	-e 's|@DOCDIR@|$(DOCDIR)|g' -e 's|@CONFIG_DIR@|$(CONFIG_DIR)|g' \
+	-e 's|@STATE_DIR@|$(STATE_DIR)|g' -e 's|@RULES@|$(RULES)|g' -e 's|@PYTHON@|$(PYTHON)|g' \
+	-e 's|@DOCKER@|$(DOCKER)|g'
+SHELL_SCRIPTS = hooks/certrelay-hook tests/fake_systemctl tests/acme_hooks/auth-hook \
+	tests/acme_hooks/cleanup-hook demo/demo.sh demo/systemctl demo/shell-probe-hook
+
+.PHONY: all install uninstall install-hook test lint test-system test-newest e2e demo bench clean
+
+all: $(BUILT)
+
+# Paths are baked in at build time: rebuild when they change.
+build/paths: FORCE
+	@mkdir -p build
+	@echo '$(PATHS)' | cmp -s - $@ || echo '$(PATHS)' > $@
+FORCE:
+
+build/units/%: units/%.in units/hardening.in build/paths
+	@mkdir -p build/units
+	sed -e '/@HARDENING@/{r units/hardening.in' -e 'd}' $< | $(SUBSTITUTE) > $@
+
+build/bin/certrelay: bin/certrelay.in build/paths
+	@mkdir -p build/bin
+	$(SUBSTITUTE) $< > $@
+	chmod 0755 $@
+
+install: all
+	install -d $(DESTDIR)$(PKGLIBDIR)/certrelay
+	install -m 0644 certrelay/*.py $(DESTDIR)$(PKGLIBDIR)/certrelay/
+	install -D -m 0755 build/bin/certrelay $(DESTDIR)$(BINDIR)/certrelay
+	install -D -m 0755 hooks/certrelay-hook $(DESTDIR)$(SHAREDIR)/certrelay-hook
+	install -D -m 0644 etc/rules.toml $(DESTDIR)$(SHAREDIR)/rules.toml.example
+	install -D -m 0644 README.md $(DESTDIR)$(DOCDIR)/README.md
+	install -d $(DESTDIR)$(UNITDIR)
+	install -m 0644 $(addprefix build/units/,$(UNITS)) $(DESTDIR)$(UNITDIR)/
+	# Never overwrite an admin's rules.
+	[ -e $(DESTDIR)$(RULES) ] || install -D -m 0644 etc/rules.toml $(DESTDIR)$(RULES)
+
+uninstall:
+	rm -rf $(DESTDIR)$(PKGLIBDIR) $(DESTDIR)$(SHAREDIR) $(DESTDIR)$(DOCDIR)
+	rm -f $(DESTDIR)$(BINDIR)/certrelay $(addprefix $(DESTDIR)$(UNITDIR)/,$(UNITS))
+	@echo "kept $(DESTDIR)$(RULES), $(STATE_DIR) and $(CONFIG_DIR)/certrelay: remove them by hand if you want"
+
+# Put the hook where certbot runs deploy hooks (the certbot container sees it there).
+install-hook:
+	install -D -m 0755 hooks/certrelay-hook $(DESTDIR)$(CONFIG_DIR)/renewal-hooks/deploy/certrelay-hook
+
+test: lint test-system test-newest e2e
+
+# systemd-analyze verify wants every Exec path to exist: install into build/verify and
+# point the units there (docker: the client on PATH, else a stand-in binary).
+lint: all
+	shellcheck -s sh $(SHELL_SCRIPTS)
+	rm -rf build/verify
+	$(MAKE) --no-print-directory -B install DESTDIR= PREFIX=$(CURDIR)/build/verify \
+		RULES=$(CURDIR)/build/verify/rules.toml DOCKER=$$(command -v docker || echo /bin/true) >/dev/null
+	@# verify exits 0 even for unknown keys: any message fails the check.
+	out=$$(systemd-analyze verify $(addprefix build/verify/lib/systemd/system/,$(UNITS)) 2>&1); \
+		printf '%s\n' "$$out"; test -z "$$out"
+	rm -rf build/verify && $(MAKE) --no-print-directory -B all >/dev/null
+
+test-system:
+	$(PYTHON) -m pytest $(PYTEST_FLAGS) -m "not e2e" tests
+
+test-newest: $(VENV_NEWEST)/ok
+	$(VENV_NEWEST)/bin/python -m pytest $(PYTEST_FLAGS) -m "not e2e" tests
+
+$(VENV_NEWEST)/ok:
+	@test -n "$(PYTHON_NEWEST)" || { echo "no python3.13 found: set PYTHON_NEWEST=" >&2; exit 1; }
+	$(PYTHON_NEWEST) -m venv $(VENV_NEWEST)
+	$(VENV_NEWEST)/bin/pip install -q --upgrade click pyinotify sdnotify pyasyncore pytest hypothesis
+	touch $@
+
+# The end-to-end test on a booted systemd: needs root and systemd-nspawn.
+e2e:
+	@if [ "$$(id -u)" = 0 ] && command -v systemd-nspawn >/dev/null; then \
+		$(PYTHON) -m pytest $(PYTEST_FLAGS) -m e2e tests/e2e; \
+	else echo "e2e: skipped (needs root and systemd-nspawn)"; fi
+
+demo:
+	sh demo/demo.sh
+
+bench:
+	$(PYTHON) benchmarks/run.py
+
+clean:
+	rm -rf build .cache/venv-newest
