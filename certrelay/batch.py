@@ -3,33 +3,44 @@
 Shared by `certrelay run` and the watch daemon. At least once: a notification is
 deleted only after every action it needs succeeded; until then it stays in claimed/
 (outside the queue, so a path unit does not fire again) and every later batch retries
-what is left of it.
+what is left of it. Only real change is acted on: a notification whose live
+certificate is the one certrelay last acted on for that lineage is dropped (a
+`--dry-run --run-deploy-hooks` renewal, a replay, a forgery), unless `force`.
 """
 
 import dataclasses
 import logging
+import time
 
-from certrelay import execute, plan as plan_module, spool as spool_module, state
+from certrelay import certificate, execute, plan as plan_module, spool as spool_module, state
 
 logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class Outcome:
-    """Counts of what a batch did. `ok` is False if anything is left undone."""
+    """Counts of what a batch did. `ok` is False if anything is left undone.
+
+    `deferred_until` is the wall-clock time at which units held back by the per-unit
+    minimum interval may act, or None.
+    """
 
     notifications: int = 0
     done: int = 0
     kept: int = 0
+    deferred: int = 0
     unmatched: int = 0
+    unchanged: int = 0
+    unreadable: int = 0
     quarantined: int = 0
     actions: int = 0
     failed: int = 0
     dry_run: bool = False
+    deferred_until: float = None
 
     @property
     def ok(self):
-        return not (self.kept or self.quarantined or self.failed)
+        return not (self.kept or self.quarantined or self.failed or self.unreadable)
 
     def summary(self):
         """Return one line a person can read, e.g. for the daemon's STATUS=."""
@@ -41,60 +52,96 @@ class Outcome:
         else:
             parts.append(f"{self.actions - self.failed}/{self.actions} action(s) done")
         for count, words in (
-            (self.kept, "kept for retry"), (self.unmatched, "matched no rule"),
-            (self.quarantined, "quarantined"),
+            (self.kept, "kept for retry"), (self.deferred, "deferred by min-interval"),
+            (self.unchanged, "unchanged"), (self.unmatched, "matched no rule"),
+            (self.unreadable, "without a readable certificate"), (self.quarantined, "quarantined"),
         ):
             if count:
                 parts.append(f"{count} {words}")
         return ", ".join(parts)
 
 
-def process(config_dir, rules, state_dir, dry_run=False):
+def process(config_dir, rules, state_dir, dry_run=False, force=False):
     """Process every pending notification of `config_dir` once under `rules`.
 
-    Return an `Outcome`. With `dry_run`, log the plan and change nothing.
+    Return an `Outcome`. With `dry_run`, log the plan and change nothing; with
+    `force`, act even on certificates that did not change.
     """
     spool = spool_module.Spool(config_dir)
     if dry_run:
         notifications, problems = spool.peek()
-        for problem in problems:
-            logger.error("%s", problem)
-        progress = state.Progress(state_dir)
-        plan = plan_module.make_plan(notifications, rules, config_dir, progress.done)
-        for notification in plan.unmatched:
-            logger.warning("would drop the notification for %s: no rule matches it", notification.name)
-        execute.apply(plan, rules.settings["timeout"], dry_run=True)
-        return Outcome(
-            notifications=len(notifications), unmatched=len(plan.unmatched),
-            quarantined=len(problems), actions=len(plan.actions), dry_run=True,
-        )
+        return settle_batch(spool, notifications, problems, rules, state_dir, force, dry_run=True)
     with state.locked(state_dir):
         notifications, problems = spool.claim()
-        for problem in problems:
-            logger.error("%s", problem)
-        progress = state.Progress(state_dir)
-        plan = plan_module.make_plan(notifications, rules, config_dir, progress.done)
-        results = execute.apply(plan, rules.settings["timeout"])
-        outcome = Outcome(
-            notifications=len(notifications), unmatched=len(plan.unmatched), quarantined=len(problems),
-            actions=len(results), failed=sum(not result.ok for result in results.values()),
-        )
-        kept = []
-        for notification in notifications:
-            needed = plan.needs.get(notification.entry, set())
-            succeeded = {key for key in needed if results[key].ok}
-            if notification in plan.unmatched:
-                logger.warning("dropped the notification for %s: no rule matches it", notification.name)
-            elif succeeded != needed:
-                progress.done.setdefault(notification.entry, set()).update(succeeded)
-                kept.append(notification.entry)
-                logger.warning(
-                    "kept the notification for %s in %s; the next run retries what failed",
-                    notification.name, spool.claimed,
-                )
-                continue
+        return settle_batch(spool, notifications, problems, rules, state_dir, force)
+
+
+def settle_batch(spool, notifications, problems, rules, state_dir, force, dry_run=False):
+    """Plan and carry out the batch of claimed `notifications`; return the `Outcome`."""
+    for problem in problems:
+        logger.error("%s", problem)
+    drop = (lambda notification: None) if dry_run else spool.done
+    said = {"drop": "dropped", "skip": "skipped", "defer": "deferred"}
+    if dry_run:
+        said = {word: "would " + word for word in said}
+    progress, ledger, unit_times = (state.Store(state_dir, name) for name in ("progress.json", "ledger.json", "units.json"))
+    outcome = Outcome(notifications=len(notifications), quarantined=len(problems), dry_run=dry_run)
+    changed, fingerprints = [], {}
+    for notification in notifications:
+        name = notification.name
+        try:
+            fingerprints[notification.entry] = certificate.fingerprint(spool.config_dir, name)
+        except certificate.CertificateError as error:
+            logger.error("%s the notification for %s: its live certificate cannot be read: %s", said["drop"], name, error)
+            outcome.unreadable += 1
+            drop(notification)
+            continue
+        if not force and notification.entry not in progress.data and ledger.data.get(name) == fingerprints[notification.entry]:
+            logger.info("%s %s: its certificate did not change since the last action (--force acts anyway)", said["skip"], name)
+            outcome.unchanged += 1
+            drop(notification)
+            continue
+        changed.append(notification)
+    done = {entry: set(keys) for entry, keys in progress.data.items()}
+    plan = plan_module.make_plan(changed, rules, spool.config_dir, done)
+    for notification in plan.unmatched:
+        logger.warning("%s the notification for %s: no rule matches it", said["drop"], notification.name)
+        outcome.unmatched += 1
+        drop(notification)
+    now, interval = time.time(), rules.settings["min-interval"]
+    ready = []
+    for action in plan.actions:
+        allowed = 0 if action.verb == "run" else unit_times.data.get(action.target, 0) + interval
+        if allowed > now:
+            logger.info("%s %s: its last action was less than min-interval (%g s) ago", said["defer"], action.describe(), interval)
+            outcome.deferred_until = min(outcome.deferred_until or allowed, allowed)
+        else:
+            ready.append(action)
+    outcome.actions = len(ready)
+    results = execute.apply(ready, rules.settings["timeout"], dry_run)
+    if dry_run:
+        return outcome
+    for action in ready:
+        if action.verb != "run":
+            unit_times.data[action.target] = now
+    outcome.failed = sum(not result.ok for result in results.values())
+    progress.data = {}
+    for notification in changed:
+        if notification in plan.unmatched:
+            continue
+        needed = plan.needs[notification.entry]
+        succeeded = done.get(notification.entry, set()) | {key for key in needed if key in results and results[key].ok}
+        if needed <= succeeded:
+            ledger.data[notification.name] = fingerprints[notification.entry]
             spool.done(notification)
-        progress.save(kept)
-        outcome.kept = len(kept)
-        outcome.done = outcome.notifications - outcome.kept
+            outcome.done += 1
+            continue
+        progress.data[notification.entry] = sorted(succeeded)
+        if any(key in results for key in needed - succeeded):
+            outcome.kept += 1
+            logger.warning("kept the notification for %s in %s; a later run retries what failed", notification.name, spool.claimed)
+        else:
+            outcome.deferred += 1
+    for store in (progress, ledger, unit_times):
+        store.save()
     return outcome

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 
 import click
 
@@ -114,7 +115,8 @@ def main():
     help="On a configuration error, still move the queue into claimed/ (kept for the next run), so that"
     " a DirectoryNotEmpty= path unit does not fire again and again.",
 )
-def run(config_dir, rules_path, state_dir, dry_run, empty_queue_on_error):
+@click.option("--force", is_flag=True, help="Act even on certificates that did not change since the last action.")
+def run(config_dir, rules_path, state_dir, dry_run, empty_queue_on_error, force):
     """Process every pending notification once (for cron and the path unit)."""
 
     def keep_for_later():
@@ -125,14 +127,23 @@ def run(config_dir, rules_path, state_dir, dry_run, empty_queue_on_error):
         logger.error("%d notification(s) kept in claimed/ until the rules are fixed", len(notifications))
 
     rules = load_rules(rules_path, config_dir, keep_for_later if empty_queue_on_error and not dry_run else None)
+    ok = True
     try:
-        outcome = batch.process(config_dir, rules, state_dir, dry_run=dry_run)
+        while True:
+            outcome = batch.process(config_dir, rules, state_dir, dry_run=dry_run, force=force)
+            ok = ok and outcome.ok
+            logger.log(logging.INFO if outcome.ok else logging.ERROR, "%s", outcome.summary())
+            if dry_run or outcome.deferred_until is None:
+                break
+            # Units held back by min-interval: wait, then act on what is left (and on
+            # whatever arrived meanwhile) in one more batch.
+            wait = max(0.0, outcome.deferred_until - time.time())
+            logger.info("waiting %.0f s for the min-interval of the deferred units", wait)
+            time.sleep(wait)
     except OSError as error:
         logger.error("cannot use %s: %s", error.filename or "the spool or state dir", error.strerror)
         sys.exit(EXIT_CONFIG)
-    if outcome.notifications or outcome.quarantined or not dry_run:
-        logger.log(logging.INFO if outcome.ok else logging.ERROR, "%s", outcome.summary())
-    sys.exit(EXIT_OK if outcome.ok else EXIT_INCOMPLETE)
+    sys.exit(EXIT_OK if ok else EXIT_INCOMPLETE)
 
 
 @main.command()

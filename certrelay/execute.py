@@ -73,13 +73,13 @@ def perform(action, timeout):
     return systemctl(action.verb, action.target, timeout)
 
 
-def apply(plan, timeout, dry_run=False):
-    """Carry out every action of `plan`, logging one line per action and outcome.
+def apply(actions, timeout, dry_run=False):
+    """Carry out `actions` in order, logging one line per action and outcome.
 
     Return {action key: Result}. With `dry_run`, log what would be done and run nothing.
     """
     results = {}
-    for action in plan.actions:
+    for action in actions:
         if dry_run:
             logger.info("would %s", action.describe())
             continue

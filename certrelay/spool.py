@@ -100,6 +100,7 @@ class Spool:
     """
 
     def __init__(self, config_dir):
+        self.config_dir = config_dir
         self.root = os.path.join(config_dir, "certrelay")
         self.queue = os.path.join(self.root, "queue")
         self.claimed = os.path.join(self.root, "claimed")

@@ -2,8 +2,14 @@
 
 - `lock`: one run at a time (cron, path unit and daemon share it). flock() is released
   by the kernel when its holder dies, so a killed run never leaves a deadlock.
-- `progress.json`: for each kept notification, the actions that already succeeded, so
-  a retry repeats only what failed.
+- `progress.json`: {claimed entry: [action key]}, the actions of a kept notification
+  that already succeeded, so that a retry repeats only what failed.
+- `ledger.json`: {lineage name: fingerprint of the live certificate last acted on},
+  written only after every action for it succeeded; an unchanged certificate is not
+  acted on again.
+- `units.json`: {unit: time of its last action}, for the per-unit minimum interval.
+
+A deleted state dir is rebuilt empty: the worst case is one extra action per unit.
 """
 
 import contextlib
@@ -31,37 +37,31 @@ def locked(state_dir):
         os.close(descriptor)
 
 
-def read_json(path, default):
-    """Return the JSON value stored at `path`, or `default` if it is missing or unreadable."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            return json.load(file)
-    except FileNotFoundError:
-        return default
-    except (OSError, ValueError) as error:
-        logger.warning("ignoring unreadable state file %s: %s", path, error)
-        return default
+class Store:
+    """One JSON object in the state dir: `data` (a dict), `save()` writes it atomically."""
 
+    def __init__(self, state_dir, name):
+        self.path = os.path.join(state_dir, name)
+        try:
+            with open(self.path, encoding="utf-8") as file:
+                self.data = json.load(file)
+            if not isinstance(self.data, dict):
+                raise ValueError("not a JSON object")
+        except FileNotFoundError:
+            self.data = {}
+        except (OSError, ValueError) as error:
+            logger.warning("ignoring unreadable state file %s: %s", self.path, error)
+            self.data = {}
+        self.saved = json.dumps(self.data, sort_keys=True)
 
-def write_json(path, value):
-    """Store `value` as JSON at `path` atomically (temp file, fsync, rename)."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as file:
-        json.dump(value, file, indent=1, sort_keys=True)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-
-
-class Progress:
-    """Which actions of each kept notification already succeeded: {entry: [action key]}."""
-
-    def __init__(self, state_dir):
-        self.path = os.path.join(state_dir, "progress.json")
-        self.done = {entry: set(keys) for entry, keys in read_json(self.path, {}).items()}
-
-    def save(self, entries):
-        """Store the progress of `entries` (the notifications still kept), dropping the rest."""
-        kept = {entry: sorted(self.done.get(entry, ())) for entry in entries if self.done.get(entry)}
-        if kept or os.path.exists(self.path):
-            write_json(self.path, kept)
+    def save(self):
+        """Write `data`, if it changed, to a temp file, fsync it, rename it over the old one."""
+        if json.dumps(self.data, sort_keys=True) == self.saved:
+            return
+        temporary = f"{self.path}.tmp"
+        with open(temporary, "w", encoding="utf-8") as file:
+            json.dump(self.data, file, indent=1, sort_keys=True)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, self.path)
+        self.saved = json.dumps(self.data, sort_keys=True)

@@ -148,6 +148,8 @@ class Watcher:
             logger.info("retrying in %g s", self.retry_delay)
         else:
             self.retry_delay = self.retry_at = None
+        if outcome is not None and outcome.deferred_until is not None:
+            self.batch_due = time.monotonic() + max(0.0, outcome.deferred_until - time.time())
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         self.last_status = f"last batch {stamp}: {summary}" + (
             f"; retry in {self.retry_delay:g} s" if self.retry_delay else ""

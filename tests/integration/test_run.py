@@ -340,3 +340,74 @@ def test_explain_shows_matching_rules_and_planned_actions(relay):
     assert f"{relay.rules_path}:1: rule selects it" in result.stdout
     assert f"{relay.rules_path}:5: rule selects it" in result.stdout
     assert "would restart exim4.service (herzbube.ch)" in result.stdout
+
+
+def test_run_acts_only_on_a_changed_certificate_unless_forced(relay):
+    relay.publish("moser-naef.ch")
+    assert relay.run().returncode == 0
+    relay.publish("moser-naef.ch", renew=False)  # a replay, or --dry-run --run-deploy-hooks
+
+    replay = relay.run()
+
+    assert replay.returncode == 0
+    assert "skipped moser-naef.ch: its certificate did not change" in replay.stderr
+    assert relay.calls() == ["reload apache2.service"]
+    relay.publish("moser-naef.ch", renew=False)
+    assert relay.run("--force").returncode == 0
+    assert relay.calls() == ["reload apache2.service"] * 2
+    relay.publish("moser-naef.ch")
+    assert relay.run().returncode == 0
+    assert relay.calls() == ["reload apache2.service"] * 3
+
+
+def test_run_with_state_dir_deleted_rebuilds_it_and_acts(relay):
+    relay.publish("moser-naef.ch")
+    assert relay.run().returncode == 0
+    shutil.rmtree(relay.state_dir)
+    relay.publish("moser-naef.ch", renew=False)
+
+    assert relay.run().returncode == 0
+    assert relay.calls() == ["reload apache2.service"] * 2
+    assert os.path.exists(os.path.join(relay.state_dir, "ledger.json"))
+
+
+@pytest.mark.parametrize(
+    "plant",
+    [
+        pytest.param(lambda live: os.symlink("/etc/passwd", live / "cert.pem"), id="absolute-link-out"),
+        pytest.param(lambda live: os.symlink("../../../../../../../etc/passwd", live / "cert.pem"), id="relative-link-out"),
+        pytest.param(lambda live: os.mkfifo(live / "cert.pem"), id="fifo"),
+        pytest.param(lambda live: None, id="missing"),
+        pytest.param(lambda live: (live / "cert.pem").write_bytes(b"x" * 70000), id="huge"),
+    ],
+)
+def test_run_refuses_a_live_certificate_it_cannot_read_safely(relay, plant):
+    import pathlib
+
+    live = pathlib.Path(relay.config_dir, "live", "forged.ch")
+    live.mkdir(parents=True)
+    plant(live)
+    relay.publish("forged.ch", renew=False)
+
+    result = relay.run()
+
+    assert result.returncode == 1
+    assert "dropped the notification for forged.ch: its live certificate cannot be read" in result.stderr
+    assert relay.calls() == []
+    assert relay.entries("claimed") == [] and relay.entries("queue") == []
+
+
+def test_run_with_min_interval_waits_and_coalesces_a_flood_into_one_more_action(relay):
+    relay.write_rules('[settings]\nmin-interval = 1\n\n[[rule]]\nmatch = ["*"]\nreload = ["apache2"]\n')
+    relay.publish("a.ch")
+    assert relay.run().returncode == 0
+    for name in ("b.ch", "c.ch", "d.ch"):
+        relay.publish(name)
+
+    result = relay.run()
+
+    assert result.returncode == 0, result.stderr
+    assert "deferred reload apache2.service (b.ch, c.ch, d.ch)" in result.stderr
+    assert "reload apache2.service (b.ch, c.ch, d.ch)" in result.stderr.split("waiting")[1]
+    assert relay.calls() == ["reload apache2.service"] * 2
+    assert relay.entries("claimed") == [] and relay.entries("queue") == []

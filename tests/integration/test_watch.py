@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import WRITE_UP_CERTIFICATES, WRITE_UP_RULES
 
-FAST = "[settings]\nsettle = 0.5\nmax-wait = 5\nretry-min = 0.3\nretry-max = 1\n\n"
+FAST = "[settings]\nsettle = 0.5\nmax-wait = 5\nretry-min = 0.3\nretry-max = 1\nmin-interval = 0\n\n"
 
 
 class NotifySocket:

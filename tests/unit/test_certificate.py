@@ -1,0 +1,66 @@
+"""Reading live/NAME/cert.pem without leaving the config dir."""
+
+import os
+
+import pytest
+
+from certrelay import certificate
+
+
+@pytest.fixture
+def config_dir(tmp_path):
+    (tmp_path / "archive" / "x.ch").mkdir(parents=True)
+    (tmp_path / "live" / "x.ch").mkdir(parents=True)
+    (tmp_path / "archive" / "x.ch" / "cert1.pem").write_text("one")
+    return tmp_path
+
+
+def link(config_dir, target):
+    os.symlink(target, config_dir / "live" / "x.ch" / "cert.pem")
+
+
+def test_fingerprint_follows_certbots_relative_link_into_archive(config_dir):
+    link(config_dir, "../../archive/x.ch/cert1.pem")
+
+    first = certificate.fingerprint(str(config_dir), "x.ch")
+    (config_dir / "archive" / "x.ch" / "cert1.pem").write_text("two")
+
+    assert len(first) == 64
+    assert certificate.fingerprint(str(config_dir), "x.ch") != first
+
+
+def test_fingerprint_follows_a_linked_live_directory_inside_the_config_dir(config_dir):
+    os.rename(config_dir / "live" / "x.ch", config_dir / "live" / "real")
+    os.symlink("real", config_dir / "live" / "x.ch")
+    link(config_dir, "../../archive/x.ch/cert1.pem")
+
+    assert len(certificate.fingerprint(str(config_dir), "x.ch")) == 64
+
+
+@pytest.mark.parametrize(
+    "target", ["/etc/passwd", "../../../etc/passwd", "../../archive/x.ch/../../../etc/passwd", "loop"],
+)
+def test_fingerprint_refuses_links_leading_out_or_in_circles(config_dir, target):
+    link(config_dir, target)
+    if target == "loop":
+        os.symlink("cert.pem", config_dir / "live" / "x.ch" / "loop")
+
+    with pytest.raises(certificate.CertificateError):
+        certificate.fingerprint(str(config_dir), "x.ch")
+
+
+def test_fingerprint_refuses_a_live_directory_linked_out_of_the_config_dir(config_dir, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "cert.pem").write_text("secret")
+    os.rmdir(config_dir / "live" / "x.ch")
+    os.symlink(str(outside), config_dir / "live" / "x.ch")
+
+    with pytest.raises(certificate.CertificateError, match="leading out"):
+        certificate.fingerprint(str(config_dir), "x.ch")
+
+
+def test_fingerprint_of_a_fifo_fails_without_blocking(config_dir):
+    os.mkfifo(config_dir / "live" / "x.ch" / "cert.pem")
+
+    with pytest.raises(certificate.CertificateError, match="not a regular file"):
+        certificate.fingerprint(str(config_dir), "x.ch")
