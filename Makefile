@@ -13,7 +13,8 @@ DOCKER ?= /usr/bin/docker
 # The server's own python3: with Debian's python3-click, -pyinotify, -sdnotify, no pip.
 PYTHON ?= /usr/bin/python3
 # The newest Python, with the newest packages from PyPI, for the second test run.
-PYTHON_NEWEST ?= $(firstword $(shell command -v python3.13) $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13))
+PYTHON_NEWEST ?= $(lastword $(wildcard /usr/bin/python3.13 /usr/local/bin/python3.13 \
+	$(HOME)/.pyenv/versions/3.13*/bin/python3.13))
 VENV_NEWEST = .cache/venv-newest
 PYTEST_FLAGS ?= -q
 
