@@ -84,6 +84,8 @@ class Watcher:
             self.batch_latest = now + max_wait
         self.batch_due = min(now + settle, self.batch_latest)
         logger.debug("%s; batch in %.1f s", reason, self.batch_due - now)
+        pending = len(spool_module.Spool(self.config_dir).pending_names())
+        self.systemd.send(f"STATUS={pending} pending, batch in {self.batch_due - now:.0f} s; {self.last_status}")
 
     def handle_event(self, event):
         """pyinotify's default handler: every event of the watch manager comes here."""

@@ -66,6 +66,7 @@ def test_watch_batches_a_burst_of_renewals_into_one_action_per_unit(relay, notif
     for name in WRITE_UP_CERTIFICATES:
         relay.publish(name)
     status = notify.wait_for(lambda m: "STATUS=last batch" in m and "5 notification(s)" in m)
+    assert any(m.startswith("STATUS=") and " pending, batch in " in m for m in notify.messages)
 
     assert sorted(relay.calls()) == ["reload apache2.service", "restart dovecot.service", "restart exim4.service"]
     assert "3/3 action(s) done" in status
