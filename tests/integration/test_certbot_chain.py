@@ -6,24 +6,16 @@ the deploy hook runs as it would in the certbot/dns-cloudflare image.
 Needs root, pebble, busybox-static; the first run installs certbot into .cache/.
 """
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+
+from tests import acme
 
 REPO = Path(__file__).resolve().parents[2]
 HOOK = REPO / "hooks" / "certrelay-hook"
 
 
-def load_acme():
-    """Load tests/acme.py by path: works whether or not tests/ is a package."""
-    spec = importlib.util.spec_from_file_location("certrelay_tests_acme", REPO / "tests" / "acme.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-acme = load_acme()
 REASON = acme.skip_reason() or (None if HOOK.exists() else f"{HOOK} does not exist yet")
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 

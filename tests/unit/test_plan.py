@@ -5,22 +5,11 @@ import pytest
 from certrelay import plan
 from certrelay import rules
 from certrelay import spool
+from tests.conftest import WRITE_UP_CERTIFICATES, WRITE_UP_RULES
 
 CONFIG_DIR = "/srv/certbot/etc"
 
-#: The write-up's rules: dovecot and exim4 serve only herzbube.ch, apache2 every domain.
-EXAMPLE = """\
-[[rule]]
-match = ["herzbube.ch"]
-restart = ["dovecot", "exim4"]
-
-[[rule]]
-match = ["*"]
-reload = ["apache2"]
-"""
-WRITE_UP_CERTIFICATES = (
-    "herzbube.ch", "moser-naef.ch", "francescamoser.ch", "francescamoser.ch-0001", "grunzwanzling.ch",
-)
+EXAMPLE = WRITE_UP_RULES
 
 
 def notification(name, domains=None, entry=None):

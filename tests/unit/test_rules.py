@@ -5,18 +5,9 @@ import os
 import pytest
 
 from certrelay import rules
+from tests.conftest import WRITE_UP_RULES
 
-#: The write-up's rules: dovecot and exim4 serve only herzbube.ch, apache2 every domain.
-EXAMPLE = """\
-[[rule]]
-match = ["herzbube.ch"]
-restart = ["dovecot", "exim4"]
-
-[[rule]]
-match = ["*"]
-reload = ["apache2"]
-"""
-
+EXAMPLE = WRITE_UP_RULES
 DEFAULT_SETTINGS = {key: default for key, (default, _, _) in rules.SETTINGS.items()}
 
 
