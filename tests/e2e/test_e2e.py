@@ -350,6 +350,13 @@ def assert_relayed(world, serial, before):
         assert world.container.show(unit, "ActiveState")["ActiveState"] == "active", world.explain()
 
 
+def assert_key_shared(world, name=NAME):
+    """The renewed private key kept the group ssl-cert and mode 0640 (exim reads it as Debian-exim)."""
+    key = (world.config / "live" / name / "privkey.pem").resolve()
+    info = key.stat()
+    assert (info.st_gid, info.st_mode & 0o777) == (group_id(world.root, "ssl-cert"), 0o640), key
+
+
 def test_services_serve_the_first_certificate(world):
     """After boot every service serves the certificate certbot got before it."""
     serial = world.serial()
@@ -364,6 +371,7 @@ def test_renewal_reaches_every_service(world, integration):
     assert result.returncode == 0, result.stdout + result.stderr
     new = world.serial()
     assert new != old
+    assert_key_shared(world)
     assert_relayed(world, new, before)
     integration.check(world, since)
 
