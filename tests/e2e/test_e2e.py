@@ -386,3 +386,17 @@ def test_partial_failure_still_reaches_services(world, integration):
     assert new != old
     assert_relayed(world, new, before)
     integration.check(world, since)
+
+
+def test_check_asks_the_booted_systemd_about_each_unit(world):
+    """`certrelay check` passes with the installed setup and names a unit systemd lacks."""
+    done = world.container.run(["certrelay", "check"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    unknown = world.root / "etc" / "certrelay" / "unknown-unit.toml"
+    unknown.write_text('[[rule]]\nmatch = ["*"]\nrestart = ["no-such-daemon"]\n')
+    unknown.chmod(0o644)
+
+    done = world.container.run(["certrelay", "check", "--rules", "/etc/certrelay/unknown-unit.toml"])
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "unit no-such-daemon.service is not known to systemd (LoadState: not-found)" in done.stderr
