@@ -207,3 +207,25 @@ def test_watch_poll_finds_notifications_inotify_cannot_see(relay, notify, tmp_pa
         subprocess.run(["umount", relay.spool], check=True)
 
     assert len(relay.calls()) == 3
+
+
+@pytest.mark.parametrize("killed_at", ["dovecot.service", "exim4.service", "apache2.service"])
+def test_watch_killed_at_any_step_loses_nothing(relay, notify, killed_at):
+    relay.write_rules(FAST + WRITE_UP_RULES)
+    for name in WRITE_UP_CERTIFICATES:
+        relay.publish(name)
+    relay.behave("kill", killed_at)
+
+    daemon = start_watch(relay, notify)
+
+    assert daemon.wait(timeout=30) == -signal.SIGKILL
+    os.unlink(os.path.join(relay.bin, "kill", killed_at))
+    calls_before = len(relay.calls())
+    restarted = start_watch(relay, notify)
+    notify.wait_for(lambda m: "READY=1" in m)
+
+    assert sorted(relay.calls()[calls_before:]) == [
+        "reload apache2.service", "restart dovecot.service", "restart exim4.service",
+    ]
+    assert relay.entries("queue") == [] and relay.entries("claimed") == []
+    assert restarted.poll() is None
