@@ -67,11 +67,11 @@ def process(config_dir, rules, state_dir, dry_run=False, force=False):
     Return an `Outcome`. With `dry_run`, log the plan and change nothing; with
     `force`, act even on certificates that did not change.
     """
-    spool = spool_module.Spool(config_dir)
     if dry_run:
-        notifications, problems = spool.peek()
-        return settle_batch(spool, notifications, problems, rules, state_dir, force, dry_run=True)
-    with state.locked(state_dir):
+        with spool_module.Spool(config_dir).opened() as spool:
+            notifications, problems = spool.peek()
+            return settle_batch(spool, notifications, problems, rules, state_dir, force, dry_run=True)
+    with state.locked(state_dir), spool_module.Spool(config_dir).opened(create=True) as spool:
         notifications, problems = spool.claim()
         return settle_batch(spool, notifications, problems, rules, state_dir, force)
 

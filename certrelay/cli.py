@@ -120,8 +120,8 @@ def run(config_dir, rules_path, state_dir, dry_run, empty_queue_on_error, force)
     """Process every pending notification once (for cron and the path unit)."""
 
     def keep_for_later():
-        with state.locked(state_dir):
-            notifications, problems = spool_module.Spool(config_dir).claim()
+        with state.locked(state_dir), spool_module.Spool(config_dir).opened(create=True) as spool:
+            notifications, problems = spool.claim()
         for problem in problems:
             logger.error("%s", problem)
         logger.error("%d notification(s) kept in claimed/ until the rules are fixed", len(notifications))
@@ -169,12 +169,15 @@ def check(config_dir, rules_path, state_dir, rules_only):
         logger.info("%s does not exist yet: the hook creates it at the first renewal", spool.queue)
     if os.path.isdir("/run/systemd/system"):
         problems += unit_problems(rules)
+    try:
+        logger.info(
+            "%d rule(s); %d pending, %d kept for retry; quarantine: %s",
+            len(rules.rules), len(spool.pending_names()), spool.claimed_count(), spool.quarantine,
+        )
+    except OSError as error:
+        problems.append(f"cannot use {error.filename}: {error.strerror}")
     for problem in problems:
         logger.error("%s", problem)
-    logger.info(
-        "%d rule(s); %d pending, %d kept for retry; quarantine: %s",
-        len(rules.rules), len(spool.pending_names()), spool.claimed_count(), spool.quarantine,
-    )
     if problems:
         logger.error("%d problem(s) found", len(problems))
         sys.exit(EXIT_CONFIG)
@@ -207,7 +210,8 @@ def explain(config_dir, rules_path, state_dir, name, domains):
     """
     rules = load_rules(rules_path, config_dir)
     if not domains:
-        pending = [n for n in spool_module.Spool(config_dir).peek()[0] if n.name == name]
+        with spool_module.Spool(config_dir).opened() as spool:
+            pending = [n for n in spool.peek()[0] if n.name == name]
         domains = pending[-1].domains if pending else ()
     click.echo(f"certificate {name}, domains: {' '.join(domains) or '(none given)'}")
     matching = rules.matching(name, domains)

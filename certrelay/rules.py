@@ -170,9 +170,11 @@ def parse(data, path="rules.toml"):
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise RulesError([f"{path}:{line}: the rules file is not UTF-8"]) from None
+    except RecursionError:
+        raise RulesError([f"{path}:1: TOML syntax: tables or arrays nested too deeply"]) from None
     except tomllib.TOMLDecodeError as error:
         found = re.search(r"\(at line (\d+), column (\d+)\)|\(at end of document\)", str(error))
-        line = int(found.group(1)) if found and found.group(1) else max(1, len(text.splitlines()))
+        line = int(found.group(1)) if found and found.group(1) else max(1, len(text.rstrip("\n").split("\n")))
         message = str(error)[: found.start()].strip() if found else str(error)
         raise RulesError([f"{path}:{line}: TOML syntax: {message}"]) from None
     locator = Locator(text)
@@ -294,7 +296,8 @@ def placeholder_problem(item):
         return f"a bad placeholder ({error})"
     for _, field, spec, conversion in fields:
         if field is not None and (field not in PLACEHOLDERS or spec or conversion):
-            return f"a bad placeholder {{{field}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+            shown = "{" + field + ("!" + conversion if conversion else "") + (":" + spec if spec else "") + "}"
+            return f"a bad placeholder {shown!r}"
     return None
 
 
@@ -312,7 +315,7 @@ class Locator:
     def __init__(self, text):
         # (line number, kind, name): kind is "table", "array" or "key"
         self.entries = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(text.split("\n"), start=1):
             for kind, pattern in (("array", self.ARRAY_TABLE), ("table", self.TABLE), ("key", self.KEY)):
                 found = pattern.match(line)
                 if found:

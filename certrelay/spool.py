@@ -11,23 +11,27 @@ Everything here may be hostile: names are checked before use, files are opened w
 following links or blocking, sizes are bounded, and contents are parsed strictly.
 """
 
+import contextlib
 import dataclasses
 import datetime
+import errno
 import logging
 import os
 import re
-import stat
 import time
+
+from certrelay import files
 
 logger = logging.getLogger(__name__)
 
 # Names and domains end up as arguments of `run` commands: none may start with '-'.
-NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
-CLAIMED_NAME = re.compile(r"(?P<name>[A-Za-z0-9_][A-Za-z0-9._-]{0,254})@(?P<id>[0-9]{1,30})")
+# At most 235 characters: claimed/NAME@ID (a 19-digit ID) must fit in 255 bytes.
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,234}")
+CLAIMED_NAME = re.compile(r"(?P<name>[A-Za-z0-9_][A-Za-z0-9._-]{0,234})@(?P<id>[0-9]{1,19})")
 LABEL = r"[A-Za-z0-9_][A-Za-z0-9_-]{0,62}"
 DOMAIN = re.compile(rf"(?=.{{1,253}}$)(\*\.)?{LABEL}(\.{LABEL})*")
 MAX_SIZE = 64 * 1024
-BAD_NAME = "the name is not [A-Za-z0-9._-]{1,255}, or starts with '.' or '-'"
+BAD_NAME = "the name is not [A-Za-z0-9._-]{1,235}, or starts with '.' or '-'"
 REQUIRED_KEYS = ("version", "name", "lineage", "domains", "time")
 
 
@@ -96,7 +100,10 @@ def parse(data, name, entry=None):
 class Spool:
     """The spool directories of one certbot config dir.
 
-    Claiming and cleanup are meant to run under the state lock (one run at a time).
+    Use inside `opened()`: the directories are opened once, without following links
+    (the container could replace one with a symlink to a host directory), and every
+    operation is relative to those descriptors. Claiming and cleanup are meant to run
+    under the state lock (one run at a time).
     """
 
     def __init__(self, config_dir):
@@ -105,21 +112,45 @@ class Spool:
         self.queue = os.path.join(self.root, "queue")
         self.claimed = os.path.join(self.root, "claimed")
         self.quarantine = os.path.join(self.root, "quarantine")
+        self.descriptors = None  # {path: descriptor or None if missing} while opened
         self.last_id = 0
+
+    @contextlib.contextmanager
+    def opened(self, create=False):
+        """Open the spool directories for the `with` block (creating them if `create`).
+
+        Raise OSError if one of them is a symbolic link or not a directory.
+        """
+        try:
+            opened = [os.open(self.config_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
+        except FileNotFoundError:
+            if create:
+                raise
+            opened = [None]
+        try:
+            root = open_directory(opened[0], self.root, create)
+            opened.append(root)
+            self.descriptors = {}
+            for path in (self.queue, self.claimed, self.quarantine):
+                self.descriptors[path] = open_directory(root, path, create)
+                opened.append(self.descriptors[path])
+            yield self
+        finally:
+            self.descriptors = None
+            for descriptor in opened:
+                if descriptor is not None:
+                    os.close(descriptor)
 
     def pending_names(self):
         """Return the visible names waiting in the queue (for status and wake-ups)."""
-        try:
-            return sorted(name for name in os.listdir(self.queue) if not name.startswith("."))
-        except FileNotFoundError:
-            return []
+        with self.opened():
+            names = (os.fsdecode(name) for name in list_names(self.descriptors[self.queue]))
+            return sorted(name for name in names if not name.startswith("."))
 
     def claimed_count(self):
         """Return how many entries sit in claimed/ (kept failures, or a crashed run's)."""
-        try:
-            return len(os.listdir(self.claimed))
-        except FileNotFoundError:
-            return 0
+        with self.opened():
+            return len(list_names(self.descriptors[self.claimed]))
 
     def claim(self):
         """Move every queue entry into claimed/, and read everything claimed.
@@ -128,17 +159,15 @@ class Spool:
         run's and those kept from earlier runs), and an error message for each entry
         that was quarantined instead.
         """
-        for directory in (self.queue, self.claimed, self.quarantine):
-            os.makedirs(directory, mode=0o755, exist_ok=True)
+        queue, claimed = self.descriptors[self.queue], self.descriptors[self.claimed]
         problems = []
-        for raw_name in list_names(self.queue):
+        for raw_name in list_names(queue):
             if not NAME.fullmatch(raw_name.decode("latin-1")):
                 problems.append(self._quarantine(self.queue, raw_name, BAD_NAME))
                 continue
-            name = raw_name.decode()
-            os.rename(os.path.join(self.queue, name), os.path.join(self.claimed, f"{name}@{self._new_id()}"))
-        sync_directory(self.claimed)
-        sync_directory(self.queue)
+            os.rename(raw_name, f"{raw_name.decode()}@{self._new_id()}", src_dir_fd=queue, dst_dir_fd=claimed)
+        os.fsync(claimed)
+        os.fsync(queue)
         notifications = []
         for raw_name, result in self._read_all(self.claimed, CLAIMED_NAME):
             if isinstance(result, Notification):
@@ -164,7 +193,8 @@ class Spool:
 
     def _read_all(self, directory, pattern):
         """Yield (raw name, Notification or the reason it is invalid) for `directory`."""
-        for raw_name in sorted(list_names(directory)):
+        descriptor = self.descriptors[directory]
+        for raw_name in sorted(list_names(descriptor)):
             found = pattern.fullmatch(raw_name.decode("latin-1"))
             if not found:
                 yield raw_name, BAD_NAME if pattern is NAME else "not a name certrelay gives claimed entries"
@@ -172,14 +202,14 @@ class Spool:
             entry = raw_name.decode()
             name = found.groupdict().get("name", entry)
             try:
-                yield raw_name, parse(read_regular_file(os.path.join(directory, entry)), name, entry)
-            except InvalidNotification as error:
+                yield raw_name, parse(files.read_regular(entry, descriptor, MAX_SIZE), name, entry)
+            except (files.UnsafeFile, InvalidNotification) as error:
                 yield raw_name, str(error)
 
     def done(self, notification):
         """Delete a notification whose every action succeeded (or that nothing needs)."""
         try:
-            os.unlink(os.path.join(self.claimed, notification.entry))
+            os.unlink(notification.entry, dir_fd=self.descriptors[self.claimed])
         except FileNotFoundError:
             pass
 
@@ -190,73 +220,47 @@ class Spool:
 
     def _quarantine(self, directory, raw_name, reason):
         """Move `raw_name` out of `directory` into quarantine/; return the error message."""
-        source = os.path.join(os.fsencode(directory), raw_name)
+        source = raw_name
         if directory == self.claimed:
             raw_name = raw_name.partition(b"@")[0]  # name it as the queue entry it was
         safe = re.sub(rb"[^A-Za-z0-9._-]", b"_", raw_name)[:100].lstrip(b".").decode() or "entry"
-        target = os.path.join(self.quarantine, f"{safe}@{self._new_id()}")
+        target = f"{safe}@{self._new_id()}"
         shown = repr(os.fsdecode(raw_name))[:120]
+        quarantine = self.descriptors[self.quarantine]
         try:
-            os.rename(source, target)
+            os.rename(source, target, src_dir_fd=self.descriptors[directory], dst_dir_fd=quarantine)
         except OSError as error:
             return f"invalid spool entry {shown} ({reason}) could not be quarantined: {error.strerror}"
-        sync_directory(self.quarantine)
-        return f"quarantined spool entry {shown}: {reason}; kept as {target}"
+        os.fsync(quarantine)
+        return f"quarantined spool entry {shown}: {reason}; kept as {os.path.join(self.quarantine, target)}"
 
 
-def list_names(directory):
-    """Return the entry names in `directory` as bytes (names need not be UTF-8)."""
-    try:
-        return [entry.name for entry in os.scandir(os.fsencode(directory))]
-    except FileNotFoundError:
-        return []
+def open_directory(parent, path, create):
+    """Open the directory named by the last component of `path` below the descriptor
+    `parent`, never through a symbolic link; create it first if `create`.
 
-
-def read_regular_file(path, limit=MAX_SIZE):
-    """Return the bytes of the regular file at `path`, at most `limit` of them.
-
-    Never follow a symbolic link, never block on a FIFO, never open a device. Raise
-    InvalidNotification if `path` is not a regular file or is larger than `limit`.
+    Return the descriptor, or None if it is missing and not `create`. Raise OSError if
+    it is a symbolic link or not a directory.
     """
+    if parent is None:
+        return None
+    name = os.path.basename(path)
+    if create:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o755, dir_fd=parent)
     try:
-        info = os.lstat(path)
-        if not stat.S_ISREG(info.st_mode):
-            raise InvalidNotification(f"not a regular file ({file_kind(info.st_mode)})")
-        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as error:
-        raise InvalidNotification(f"cannot open: {error.strerror}") from None
-    try:
-        info = os.fstat(descriptor)
-        if not stat.S_ISREG(info.st_mode):
-            raise InvalidNotification(f"not a regular file ({file_kind(info.st_mode)})")
-        if info.st_size > limit:
-            raise InvalidNotification(f"larger than {limit} bytes")
-        data = os.read(descriptor, limit + 1)
-        if len(data) > limit:
-            raise InvalidNotification(f"larger than {limit} bytes")
-        return data
-    finally:
-        os.close(descriptor)
-
-
-def file_kind(mode):
-    """Return a word for the kind of file `mode` describes."""
-    for test, word in (
-        (stat.S_ISLNK, "symbolic link"), (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
-        (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
-    ):
-        if test(mode):
-            return word
-    return "regular file"
-
-
-def sync_directory(path):
-    """fsync the directory `path`, so that renames in it survive a power loss."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
     except FileNotFoundError:
-        return
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+        if create:
+            raise
+        return None
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise OSError(error.errno, "is a symbolic link or not a directory; the spool must be"
+                          " plain directories (remove it, certrelay recreates it)", path) from None
+        raise
+
+
+def list_names(descriptor):
+    """Return the entry names (bytes: they need not be UTF-8) of an open directory, or []."""
+    return [] if descriptor is None else [os.fsencode(name) for name in os.listdir(descriptor)]

@@ -84,8 +84,15 @@ class Watcher:
             self.batch_latest = now + max_wait
         self.batch_due = min(now + settle, self.batch_latest)
         logger.debug("%s; batch in %.1f s", reason, self.batch_due - now)
-        pending = len(spool_module.Spool(self.config_dir).pending_names())
-        self.systemd.send(f"STATUS={pending} pending, batch in {self.batch_due - now:.0f} s; {self.last_status}")
+        self.systemd.send(f"STATUS={self.pending()} pending, batch in {self.batch_due - now:.0f} s; {self.last_status}")
+
+    def pending(self):
+        """Return how many notifications wait in the queue ("?" if it cannot be read)."""
+        try:
+            return len(spool_module.Spool(self.config_dir).pending_names())
+        except OSError as error:
+            logger.error("cannot read the queue: %s: %s", error.filename, error.strerror)
+            return "?"
 
     def handle_event(self, event):
         """pyinotify's default handler: every event of the watch manager comes here."""
@@ -110,8 +117,10 @@ class Watcher:
         for descriptor in list(manager.watches):
             manager.del_watch(descriptor)
         try:
-            os.makedirs(self.queue, mode=0o755, exist_ok=True)
-            manager.add_watch(self.queue, WATCH_MASK | pyinotify.IN_DELETE_SELF | pyinotify.IN_MOVE_SELF, quiet=False)
+            with spool_module.Spool(self.config_dir).opened(create=True):
+                pass  # creates the spool, refusing symbolic links
+            mask = WATCH_MASK | pyinotify.IN_DELETE_SELF | pyinotify.IN_MOVE_SELF | pyinotify.IN_DONT_FOLLOW
+            manager.add_watch(self.queue, mask, quiet=False)
         except (OSError, pyinotify.WatchManagerError) as error:
             logger.error("cannot watch %s (%s); trying again in %g s", self.queue, error, REWATCH_DELAY)
             self.rewatch_due = time.monotonic() + REWATCH_DELAY
@@ -244,7 +253,7 @@ class Watcher:
             self.watch_queue(manager)
         if self.next_poll is not None and now >= self.next_poll:
             self.next_poll = now + self.poll_interval
-            if spool_module.Spool(self.config_dir).pending_names():
+            if self.pending():
                 self.something_arrived("--poll found pending notifications")
         due = [moment for moment in (self.batch_due, self.retry_at) if moment is not None]
         if due and now >= min(due):

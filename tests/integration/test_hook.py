@@ -184,8 +184,8 @@ ACCEPTED = {
         "letsencrypt/live/Herz-bube_2.ch-0001", {}, (), "letsencrypt/certrelay", "Herz-bube_2.ch-0001",
         "letsencrypt/live/Herz-bube_2.ch-0001",
     ),
-    "name-of-255-characters": (
-        "letsencrypt/live/" + "n" * 255, {}, (), "letsencrypt/certrelay", "n" * 255, "letsencrypt/live/" + "n" * 255,
+    "name-of-235-characters": (
+        "letsencrypt/live/" + "n" * 235, {}, (), "letsencrypt/certrelay", "n" * 235, "letsencrypt/live/" + "n" * 235,
     ),
 }
 
@@ -232,7 +232,7 @@ REJECTED = {
     "hidden-name": ({"RENEWED_LINEAGE": "{config}/live/.x"}, "starts with '.'"),
     "dot-dot-name": ({"RENEWED_LINEAGE": "{config}/live/.."}, "starts with '.'"),
     "option-like-name": ({"RENEWED_LINEAGE": "{config}/live/-rf"}, "starts with '-'"),
-    "name-of-256-characters": ({"RENEWED_LINEAGE": "{config}/live/" + "n" * 256}, "more than 255"),
+    "name-of-236-characters": ({"RENEWED_LINEAGE": "{config}/live/" + "n" * 236}, "more than 235"),
     "newline-in-lineage": ({"RENEWED_LINEAGE": "{config}/live/x\ny"}, "RENEWED_LINEAGE contains a newline"),
     "carriage-return-in-lineage": (
         {"RENEWED_LINEAGE": "{config}/live/x\r"}, "RENEWED_LINEAGE contains a newline or carriage return",

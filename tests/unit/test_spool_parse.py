@@ -1,8 +1,5 @@
-"""Unit tests for certrelay.spool.parse and read_regular_file: hostile input is refused."""
+"""Unit tests for certrelay.spool.parse: hostile content is refused."""
 
-import os
-import socket
-import threading
 
 import pytest
 
@@ -200,89 +197,3 @@ def test_lineage_with_a_control_character_is_refused(character):
     assert refusal(content(lineage=f"/etc/letsencrypt/live/herzbube.ch{character}")) == (
         "lineage has a control character"
     )
-
-
-# --- read_regular_file -----------------------------------------------------------------
-
-
-def refusal_reading(path, **keywords):
-    with pytest.raises(spool.InvalidNotification) as caught:
-        spool.read_regular_file(str(path), **keywords)
-    return str(caught.value)
-
-
-def test_regular_file_is_read(tmp_path):
-    path = tmp_path / "herzbube.ch"
-    path.write_bytes(content())
-
-    assert spool.read_regular_file(str(path)) == content()
-
-
-@pytest.mark.parametrize("size", [0, 1, spool.MAX_SIZE])
-def test_regular_file_up_to_the_limit_is_read_whole(tmp_path, size):
-    path = tmp_path / "entry"
-    path.write_bytes(b"x" * size)
-
-    assert spool.read_regular_file(str(path)) == b"x" * size
-
-
-@pytest.mark.parametrize("size, limit", [(spool.MAX_SIZE + 1, spool.MAX_SIZE), (11, 10)])
-def test_file_larger_than_the_limit_is_refused(tmp_path, size, limit):
-    path = tmp_path / "entry"
-    path.write_bytes(b"x" * size)
-
-    assert refusal_reading(path, limit=limit) == f"larger than {limit} bytes"
-
-
-@pytest.mark.parametrize("target", ["real", "missing"], ids=["to-a-regular-file", "dangling"])
-def test_symbolic_link_is_refused_not_followed(tmp_path, target):
-    (tmp_path / "real").write_bytes(content())
-    link = tmp_path / "link"
-    link.symlink_to(tmp_path / target)
-
-    assert refusal_reading(link) == "not a regular file (symbolic link)"
-
-
-def test_fifo_is_refused_without_blocking(tmp_path):
-    path = tmp_path / "fifo"
-    os.mkfifo(path)
-    outcome = []
-
-    def read():
-        try:
-            spool.read_regular_file(str(path))
-        except spool.InvalidNotification as error:
-            outcome.append(str(error))
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout=10)
-    if reader.is_alive():
-        # Unblock the reader stuck in open(2), so that the test run can go on.
-        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-        reader.join(timeout=10)
-        pytest.fail("read_regular_file blocked on a FIFO")
-
-    assert outcome == ["not a regular file (FIFO)"]
-
-
-def test_directory_is_refused(tmp_path):
-    (tmp_path / "dir").mkdir()
-
-    assert refusal_reading(tmp_path / "dir") == "not a regular file (directory)"
-
-
-def test_socket_is_refused(tmp_path):
-    path = tmp_path / "sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
-        server.bind(str(path))
-
-        assert refusal_reading(path) == "not a regular file (socket)"
-
-
-def test_character_device_is_refused():
-    assert refusal_reading("/dev/null") == "not a regular file (character device)"
-
-
-def test_missing_file_is_refused_as_unopenable(tmp_path):
-    assert refusal_reading(tmp_path / "gone").startswith("cannot open: ")

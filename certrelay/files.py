@@ -1,0 +1,62 @@
+"""Reading files that the container wrote, where any name may be a trap.
+
+A name is first opened with O_PATH|O_NOFOLLOW, which opens nothing: not a FIFO (no
+blocking), not a device (no side effect), not a link's target. Only once fstat() says
+it is a regular file is that very inode reopened for reading through /proc/self/fd,
+so nothing can be swapped in between.
+"""
+
+import os
+import stat
+
+KINDS = (
+    (stat.S_ISLNK, "symbolic link"), (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+)
+
+
+class UnsafeFile(Exception):
+    """The file is not a regular file, is too large, or cannot be opened; says why."""
+
+
+def open_path(name, directory):
+    """Return (O_PATH descriptor, stat) of `name` in the directory descriptor
+    `directory`, without following a symbolic link. Raise UnsafeFile if it cannot be opened."""
+    try:
+        descriptor = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+    except OSError as error:
+        raise UnsafeFile(f"cannot open: {error.strerror}") from None
+    return descriptor, os.fstat(descriptor)
+
+
+def kind(mode):
+    """Return a word for the kind of file `mode` describes."""
+    return next((word for test, word in KINDS if test(mode)), "regular file")
+
+
+def read_opened(descriptor, info, limit):
+    """Return the content of the regular file behind the O_PATH `descriptor` (whose
+    stat is `info`), at most `limit` bytes; raise UnsafeFile otherwise."""
+    if not stat.S_ISREG(info.st_mode):
+        raise UnsafeFile(f"not a regular file ({kind(info.st_mode)})")
+    if info.st_size > limit:
+        raise UnsafeFile(f"larger than {limit} bytes")
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    reading = os.open(f"/proc/self/fd/{descriptor}", flags)
+    try:
+        data = os.read(reading, limit + 1)
+    finally:
+        os.close(reading)
+    if len(data) > limit:
+        raise UnsafeFile(f"larger than {limit} bytes")
+    return data
+
+
+def read_regular(name, directory, limit):
+    """Return the bytes of the regular file `name` in the directory descriptor
+    `directory`, at most `limit` of them; raise UnsafeFile if it is anything else."""
+    descriptor, info = open_path(name, directory)
+    try:
+        return read_opened(descriptor, info, limit)
+    finally:
+        os.close(descriptor)
