@@ -51,6 +51,8 @@ build/bin/certrelay: bin/certrelay.in build/paths
 install: all
 	install -d $(DESTDIR)$(PKGLIBDIR)/certrelay
 	install -m 0644 certrelay/*.py $(DESTDIR)$(PKGLIBDIR)/certrelay/
+	# Byte-compile now: under ProtectSystem=strict the service could not cache it.
+	$(PYTHON) -m compileall -q -d $(PKGLIBDIR)/certrelay $(DESTDIR)$(PKGLIBDIR)/certrelay
 	install -D -m 0755 build/bin/certrelay $(DESTDIR)$(BINDIR)/certrelay
 	install -D -m 0755 hooks/certrelay-hook $(DESTDIR)$(SHAREDIR)/certrelay-hook
 	install -D -m 0644 etc/rules.toml $(DESTDIR)$(SHAREDIR)/rules.toml.example

@@ -12,6 +12,8 @@ import os
 
 from certrelay import rules as rules_module
 
+NAMES_SHOWN = 10
+
 
 @dataclasses.dataclass(frozen=True)
 class Action:
@@ -30,9 +32,13 @@ class Action:
         return action_key(self.verb, self.target)
 
     def describe(self):
-        """Return e.g. "restart dovecot.service (herzbube.ch)"."""
+        """Return e.g. "restart dovecot.service (herzbube.ch)", naming at most
+        NAMES_SHOWN certificates (a batch of thousands would make a huge log line)."""
         target = " ".join(self.target) if self.verb == "run" else self.target
-        return f"{self.verb} {target} ({', '.join(self.certificates)})"
+        names = ", ".join(self.certificates[:NAMES_SHOWN])
+        if len(self.certificates) > NAMES_SHOWN:
+            names += f" and {len(self.certificates) - NAMES_SHOWN} more"
+        return f"{self.verb} {target} ({names})"
 
 
 @dataclasses.dataclass

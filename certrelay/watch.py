@@ -12,6 +12,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import threading
 import time
 import warnings
@@ -50,7 +51,8 @@ class SystemdNotify:
     def send(self, *lines):
         if self.socket is not None:
             try:
-                self.socket.sendall("\n".join(lines).encode("utf-8"))
+                # Never block the daemon on a notify socket nobody reads.
+                self.socket.send("\n".join(lines).encode("utf-8"), socket.MSG_DONTWAIT)
             except OSError as error:
                 logger.warning("cannot notify systemd: %s", error)
 

@@ -360,3 +360,11 @@ reload = ["apache2"]
     result = make_plan([notification("herzbube.ch"), notification("moser-naef.ch")], text, done)
 
     assert summary(result) == [("reload", "apache2.service", ("moser-naef.ch",))]
+
+
+def test_action_description_names_at_most_ten_certificates():
+    names = tuple(f"c{index:02}.ch" for index in range(25))
+
+    described = plan.Action("reload", "apache2.service", names).describe()
+
+    assert described == "reload apache2.service (c00.ch, c01.ch, c02.ch, c03.ch, c04.ch, c05.ch, c06.ch, c07.ch, c08.ch, c09.ch and 15 more)"
