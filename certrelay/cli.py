@@ -75,30 +75,16 @@ def load_rules(rules_path, config_dir, on_error=None):
 
     Call `on_error()` before exiting, if given.
     """
-    problems = []
-    if is_inside(rules_path, config_dir):
-        problems.append(
-            f"{rules_path}: refused: the rules file is inside the certbot config dir {config_dir},"
-            " which the container can write; move it, e.g. to /etc/certrelay/rules.toml"
-        )
     try:
-        rules = rules_module.load(rules_path)
+        return rules_module.load(rules_path, config_dir=config_dir)
     except rules_module.RulesError as error:
-        problems += error.problems
-    if problems:
-        for problem in problems:
-            logger.error("%s", problem)
-        logger.error("nothing was processed; fix the rules file, then check it: certrelay check")
-        if on_error:
-            on_error()
-        sys.exit(EXIT_CONFIG)
-    return rules
-
-
-def is_inside(path, directory):
-    """Return True if `path` resolves to a place inside `directory`."""
-    path, directory = os.path.realpath(path), os.path.realpath(directory)
-    return os.path.commonpath([path, directory]) == directory
+        problems = error.problems
+    for problem in problems:
+        logger.error("%s", problem)
+    logger.error("nothing was processed; fix the rules file, then check it: certrelay check")
+    if on_error:
+        on_error()
+    sys.exit(EXIT_CONFIG)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -120,8 +106,12 @@ def run(config_dir, rules_path, state_dir, dry_run, empty_queue_on_error, force)
     """Process every pending notification once (for cron and the path unit)."""
 
     def keep_for_later():
-        with state.locked(state_dir), spool_module.Spool(config_dir).opened(create=True) as spool:
-            notifications, problems = spool.claim()
+        try:
+            with state.locked(state_dir), spool_module.Spool(config_dir).opened(create=True) as spool:
+                notifications, problems = spool.claim()
+        except OSError as error:
+            logger.error("cannot move the queue aside: %s: %s", error.filename, error.strerror)
+            return
         for problem in problems:
             logger.error("%s", problem)
         logger.error("%d notification(s) kept in claimed/ until the rules are fixed", len(notifications))

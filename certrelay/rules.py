@@ -116,14 +116,20 @@ def unit_problem(unit):
     return None
 
 
-def load(path, check_permissions=None):
+def load(path, check_permissions=None, config_dir=None):
     """Read and validate the rules file at `path`; return `Rules`.
 
     Check ownership and modes when `check_permissions` is true (default: when running
-    as root). Raise RulesError listing every problem found.
+    as root); refuse a file inside `config_dir`, which the container can write. Raise
+    RulesError listing every problem found.
     """
     if check_permissions is None:
         check_permissions = os.geteuid() == 0
+    if config_dir is not None and is_inside(path, config_dir):
+        raise RulesError([
+            f"{path}: refused: the rules file is inside the certbot config dir {config_dir},"
+            " which the container can write; move it, e.g. to /etc/certrelay/rules.toml"
+        ])
     try:
         with open(path, "rb") as file:
             if check_permissions:
@@ -134,6 +140,12 @@ def load(path, check_permissions=None):
     except OSError as error:
         raise RulesError([f"{path}: cannot read the rules file: {error.strerror}"]) from None
     return parse(data, path)
+
+
+def is_inside(path, directory):
+    """Return True if `path` resolves to a place inside `directory`."""
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([path, directory]) == directory
 
 
 def permission_problems(path, file_stat):

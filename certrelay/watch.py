@@ -134,7 +134,7 @@ class Watcher:
     def reload_rules(self):
         self.systemd.send("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
         try:
-            self.rules = rules_module.load(self.rules_path)
+            self.rules = rules_module.load(self.rules_path, config_dir=self.config_dir)
             logger.info("reloaded the rules from %s", self.rules_path)
         except rules_module.RulesError as error:
             for problem in error.problems:
