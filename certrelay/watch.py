@@ -82,11 +82,13 @@ class Watcher:
         """Schedule a batch after the settle window, bounded by max-wait."""
         now = time.monotonic()
         settle, max_wait = self.rules.settings["settle"], self.rules.settings["max-wait"]
-        if self.batch_latest is None:
+        opening = self.batch_latest is None
+        if opening:
             self.batch_latest = now + max_wait
         self.batch_due = min(now + settle, self.batch_latest)
         logger.debug("%s; batch in %.1f s", reason, self.batch_due - now)
-        self.systemd.send(f"STATUS={self.pending()} pending, batch in {self.batch_due - now:.0f} s; {self.last_status}")
+        if opening:  # not per event: a burst of thousands would list the queue each time
+            self.systemd.send(f"STATUS={self.pending()} pending, batch in {self.batch_due - now:.0f} s; {self.last_status}")
 
     def pending(self):
         """Return how many notifications wait in the queue ("?" if it cannot be read)."""
@@ -115,7 +117,7 @@ class Watcher:
     # --- actions -------------------------------------------------------------------
 
     def watch_queue(self, manager):
-        """(Re)create the queue directory and watch it; return True if watched."""
+        """(Re)create the queue directory and watch it, or schedule another try."""
         for descriptor in list(manager.watches):
             manager.del_watch(descriptor)
         try:
@@ -126,10 +128,9 @@ class Watcher:
         except (OSError, pyinotify.WatchManagerError) as error:
             logger.error("cannot watch %s (%s); trying again in %g s", self.queue, error, REWATCH_DELAY)
             self.rewatch_due = time.monotonic() + REWATCH_DELAY
-            return False
+            return
         self.rewatch_due = None
         self.something_arrived(f"watching {self.queue}")  # whatever came while unwatched
-        return True
 
     def reload_rules(self):
         self.systemd.send("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
