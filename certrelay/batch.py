@@ -84,36 +84,47 @@ def settle_batch(spool, notifications, problems, rules, state_dir, force, dry_ru
     said = {"drop": "dropped", "skip": "skipped", "defer": "deferred"}
     if dry_run:
         said = {word: "would " + word for word in said}
-    progress, ledger, unit_times = (state.Store(state_dir, name) for name in ("progress.json", "ledger.json", "units.json"))
+    progress, ledger, unit_times = (
+        state.Store(state_dir, name) for name in ("progress.json", "ledger.json", "units.json")
+    )
     outcome = Outcome(notifications=len(notifications), quarantined=len(problems), dry_run=dry_run)
+
+    # Only real change: drop what cannot be read, skip what was acted on already.
     changed, fingerprints = [], {}
     for notification in notifications:
         name = notification.name
         try:
             fingerprints[notification.entry] = certificate.fingerprint(spool.config_dir, name)
         except certificate.CertificateError as error:
-            logger.error("%s the notification for %s: its live certificate cannot be read: %s", said["drop"], name, error)
+            logger.error("%s the notification for %s: its live certificate cannot be read: %s",
+                         said["drop"], name, error)
             outcome.unreadable += 1
             drop(notification)
             continue
-        if not force and notification.entry not in progress.data and ledger.data.get(name) == fingerprints[notification.entry]:
-            logger.info("%s %s: its certificate did not change since the last action (--force acts anyway)", said["skip"], name)
+        kept_before = notification.entry in progress.data
+        if not force and not kept_before and ledger.data.get(name) == fingerprints[notification.entry]:
+            logger.info("%s %s: its certificate did not change since the last action (--force acts anyway)",
+                        said["skip"], name)
             outcome.unchanged += 1
             drop(notification)
             continue
         changed.append(notification)
+
     done = {entry: set(keys) for entry, keys in progress.data.items()}
     plan = plan_module.make_plan(changed, rules, spool.config_dir, done)
     for notification in plan.unmatched:
         logger.warning("%s the notification for %s: no rule matches it", said["drop"], notification.name)
         outcome.unmatched += 1
         drop(notification)
+
+    # The per-unit minimum interval holds actions back; their notifications wait.
     now, interval = time.time(), rules.settings["min-interval"]
     ready = []
     for action in plan.actions:
         allowed = 0 if action.verb == "run" else unit_times.data.get(action.target, 0) + interval
         if allowed > now:
-            logger.info("%s %s: its last action was less than min-interval (%g s) ago", said["defer"], action.describe(), interval)
+            logger.info("%s %s: its last action was less than min-interval (%g s) ago",
+                        said["defer"], action.describe(), interval)
             outcome.deferred_until = min(outcome.deferred_until or allowed, allowed)
         else:
             ready.append(action)
@@ -125,12 +136,15 @@ def settle_batch(spool, notifications, problems, rules, state_dir, force, dry_ru
         if action.verb != "run":
             unit_times.data[action.target] = now
     outcome.failed = sum(not result.ok for result in results.values())
+
+    # Settle: done when every needed action succeeded (now or in an earlier run).
     progress.data = {}
     for notification in changed:
         if notification in plan.unmatched:
             continue
         needed = plan.needs[notification.entry]
-        succeeded = done.get(notification.entry, set()) | {key for key in needed if key in results and results[key].ok}
+        succeeded = set(done.get(notification.entry, ()))
+        succeeded |= {key for key in needed if key in results and results[key].ok}
         if needed <= succeeded:
             ledger.data[notification.name] = fingerprints[notification.entry]
             spool.done(notification)
@@ -139,7 +153,8 @@ def settle_batch(spool, notifications, problems, rules, state_dir, force, dry_ru
         progress.data[notification.entry] = sorted(succeeded)
         if any(key in results for key in needed - succeeded):
             outcome.kept += 1
-            logger.warning("kept the notification for %s in %s; a later run retries what failed", notification.name, spool.claimed)
+            logger.warning("kept the notification for %s in %s; a later run retries what failed",
+                           notification.name, spool.claimed)
         else:
             outcome.deferred += 1
     for store in (progress, ledger, unit_times):

@@ -13,7 +13,8 @@ import time
 
 import click
 
-from certrelay import __version__, batch, execute, plan as plan_module, rules as rules_module, spool as spool_module, state
+from certrelay import __version__, batch, execute, state
+from certrelay import plan as plan_module, rules as rules_module, spool as spool_module
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_CONFIG = 0, 1, 2
 HOOK_NAME = "certrelay-hook"
