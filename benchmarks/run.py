@@ -57,7 +57,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(REPO))
 import container as container_module  # noqa: E402
+from tests.writeup import WRITE_UP_RULES  # noqa: E402
 
 PYTHON = "/usr/bin/python3"
 FAKE_SYSTEMCTL = REPO / "tests" / "fake_systemctl"
@@ -71,17 +73,6 @@ LATENCY_PUBLICATIONS = 50
 IDLE_SECONDS = 60
 WRK_SECONDS = 10
 WRK_CONNECTIONS = 4
-
-WRITE_UP_RULES = """\
-[[rule]]
-match = ["herzbube.ch"]
-restart = ["dovecot", "exim4"]
-
-[[rule]]
-match = ["*"]
-reload = ["apache2"]
-"""
-
 
 def progress(message):
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)

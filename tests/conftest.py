@@ -10,24 +10,11 @@ import time
 
 import pytest
 
+from tests.writeup import WRITE_UP_RULES
+
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOOK = os.path.join(REPOSITORY, "hooks", "certrelay-hook")
 FAKE_SYSTEMCTL = os.path.join(REPOSITORY, "tests", "fake_systemctl")
-
-#: The write-up's setup: dovecot and exim4 serve only herzbube.ch, apache2 every domain.
-WRITE_UP_RULES = """\
-[[rule]]
-match = ["herzbube.ch"]
-restart = ["dovecot", "exim4"]
-
-[[rule]]
-match = ["*"]
-reload = ["apache2"]
-"""
-WRITE_UP_CERTIFICATES = (
-    "herzbube.ch", "moser-naef.ch", "francescamoser.ch", "francescamoser.ch-0001", "grunzwanzling.ch",
-)
-
 
 class Relay:
     """One certrelay installation in a temporary directory, driven as a user would."""

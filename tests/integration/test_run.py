@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from tests.conftest import HOOK, WRITE_UP_CERTIFICATES
+from tests.conftest import HOOK
+from tests.writeup import WRITE_UP_CERTIFICATES
 
 WRITE_UP_ACTIONS = ["reload apache2.service", "restart dovecot.service", "restart exim4.service"]
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import WRITE_UP_CERTIFICATES, WRITE_UP_RULES
+from tests.writeup import WRITE_UP_CERTIFICATES, WRITE_UP_RULES
 
 FAST = "[settings]\nsettle = 0.5\nmax-wait = 5\nretry-min = 0.3\nretry-max = 1\nmin-interval = 0\n\n"
 

@@ -5,7 +5,7 @@ import pytest
 from certrelay import plan
 from certrelay import rules
 from certrelay import spool
-from tests.conftest import WRITE_UP_CERTIFICATES, WRITE_UP_RULES
+from tests.writeup import WRITE_UP_CERTIFICATES, WRITE_UP_RULES
 
 CONFIG_DIR = "/srv/certbot/etc"
 

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from certrelay import rules
-from tests.conftest import WRITE_UP_RULES
+from tests.writeup import WRITE_UP_RULES
 
 EXAMPLE = WRITE_UP_RULES
 DEFAULT_SETTINGS = {key: default for key, (default, _, _) in rules.SETTINGS.items()}

@@ -7,7 +7,7 @@ import pytest
 
 from certrelay import cli, rules
 from certrelay import watch
-from tests.conftest import WRITE_UP_RULES
+from tests.writeup import WRITE_UP_RULES
 
 
 @pytest.fixture
