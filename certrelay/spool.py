@@ -15,14 +15,11 @@ import contextlib
 import dataclasses
 import datetime
 import errno
-import logging
 import os
 import re
 import time
 
 from certrelay import files
-
-logger = logging.getLogger(__name__)
 
 # Names and domains end up as arguments of `run` commands: none may start with '-'.
 # At most 235 characters: claimed/NAME@ID (a 19-digit ID) must fit in 255 bytes.

@@ -101,6 +101,15 @@ class Relay:
         """Make the fake systemctl `fail`, `hang`, `block` or `kill` for `unit`."""
         open(os.path.join(self.bin, behaviour, unit), "w").close()
 
+    def argv_recorder(self):
+        """Write a `run` program that appends each of its arguments as a line to a file;
+        return (program path, record path)."""
+        program, record = os.path.join(self.root, "record-argv"), os.path.join(self.root, "argv")
+        with open(program, "w", encoding="utf-8") as file:
+            file.write(f'#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done >> {record}\n')
+        os.chmod(program, 0o755)
+        return program, record
+
     def calls(self):
         """Return the fake systemctl's calls, one "VERB UNIT" string each."""
         try:

@@ -414,9 +414,7 @@ TRIED["planted in quarantine/"] += 5
     ],
 )
 def test_run_fills_lineage_from_the_host_path_never_from_the_notification(relay, tmp_path, lineage):
-    record, program = tmp_path / "argv", tmp_path / "record-argv"
-    program.write_text(f'#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done >> {record}\n')
-    program.chmod(0o755)
+    program, record = relay.argv_recorder()
     relay.write_rules(f'[[rule]]\nmatch = ["*"]\nrun = [["{program}", "{{name}}", "{{lineage}}"]]\n')
     relay.renew("herzbube.ch")
     write_entry(os.path.join(relay.spool, "queue"), b"herzbube.ch", notification("herzbube.ch", lineage=lineage))
@@ -425,7 +423,7 @@ def test_run_fills_lineage_from_the_host_path_never_from_the_notification(relay,
     result = run(relay, cwd)
 
     assert result.returncode == 0, result.stderr
-    assert record.read_text().splitlines() == ["herzbube.ch", os.path.join(relay.config_dir, "live", "herzbube.ch")]
+    assert open(record).read().splitlines() == ["herzbube.ch", os.path.join(relay.config_dir, "live", "herzbube.ch")]
     assert not (cwd / MARKER).exists()
 
 
