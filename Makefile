@@ -94,7 +94,7 @@ test-newest: $(VENV_NEWEST)/ok
 $(VENV_NEWEST)/ok:
 	@test -n "$(PYTHON_NEWEST)" || { echo "no python3.13 found: set PYTHON_NEWEST=" >&2; exit 1; }
 	$(PYTHON_NEWEST) -m venv $(VENV_NEWEST)
-	$(VENV_NEWEST)/bin/pip install -q --upgrade click pyinotify sdnotify pyasyncore pytest hypothesis
+	$(VENV_NEWEST)/bin/pip install -q --upgrade click pyinotify sdnotify pyasyncore pytest hypothesis cryptography
 	touch $@
 
 # The end-to-end test on a booted systemd: needs root and systemd-nspawn.

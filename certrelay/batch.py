@@ -73,6 +73,8 @@ def process(config_dir, rules, state_dir, dry_run=False, force=False):
             return settle_batch(spool, notifications, problems, rules, state_dir, force, dry_run=True)
     with state.locked(state_dir), spool_module.Spool(config_dir).opened(create=True) as spool:
         notifications, problems = spool.claim()
+        for name in spool.remove_stale_temporary():
+            logger.debug("removed %s/tmp/%s, left by a hook killed over a day ago", spool.root, name)
         return settle_batch(spool, notifications, problems, rules, state_dir, force)
 
 

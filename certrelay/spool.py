@@ -17,6 +17,7 @@ import datetime
 import errno
 import os
 import re
+import stat
 import time
 
 from certrelay import files
@@ -30,6 +31,11 @@ DOMAIN = re.compile(rf"(?=.{{1,253}}$)(\*\.)?{LABEL}(\.{LABEL})*")
 MAX_SIZE = 64 * 1024
 BAD_NAME = "the name is not [A-Za-z0-9._-]{1,235}, or starts with '.' or '-'"
 REQUIRED_KEYS = ("version", "name", "lineage", "domains", "time")
+STALE_AFTER = 86400  # seconds: a hook takes milliseconds, so a day-old temp file is a killed hook's
+
+
+class NotADirectory(OSError):
+    """A spool directory is a symbolic link or not a directory."""
 
 
 class InvalidNotification(Exception):
@@ -110,14 +116,20 @@ class Spool:
         self.claimed = os.path.join(self.root, "claimed")
         self.quarantine = os.path.join(self.root, "quarantine")
         self.descriptors = None  # {path: descriptor or None if missing} while opened
+        self.repairs = []  # messages about spool directories that were not directories
         self.last_id = 0
 
     @contextlib.contextmanager
     def opened(self, create=False):
         """Open the spool directories for the `with` block (creating them if `create`).
 
-        Raise OSError if one of them is a symbolic link or not a directory.
+        A spool directory that is a symbolic link or not a directory (the container
+        replaced it) is never followed. With `create`, the entry itself is moved into
+        quarantine/ and an empty directory made in its place, so that the path unit
+        goes quiet; `repairs` then holds a message for each. Without `create`, it
+        counts as missing and `repairs` says what would be done.
         """
+        self.repairs, aside = [], []
         try:
             opened = [os.open(self.config_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
         except FileNotFoundError:
@@ -125,18 +137,82 @@ class Spool:
                 raise
             opened = [None]
         try:
-            root = open_directory(opened[0], self.root, create)
+            root = self._open_or_set_aside(opened[0], self.root, create, aside)
             opened.append(root)
             self.descriptors = {}
-            for path in (self.queue, self.claimed, self.quarantine):
-                self.descriptors[path] = open_directory(root, path, create)
+            # quarantine/ first: whatever is set aside is moved into it.
+            for path in (self.quarantine, self.queue, self.claimed):
+                self.descriptors[path] = self._open_or_set_aside(root, path, create, aside)
                 opened.append(self.descriptors[path])
+            for parent, aside_name, path, what in aside:
+                self.repairs.append(self._quarantine_replaced(parent, aside_name, path, what))
             yield self
         finally:
             self.descriptors = None
             for descriptor in opened:
                 if descriptor is not None:
                     os.close(descriptor)
+
+    def _open_or_set_aside(self, parent, path, create, aside):
+        """Return the descriptor of the spool directory `path` below `parent` (None if
+        missing). If it is a link or not a directory: with `create`, rename it to a
+        hidden name in `parent`, note that in `aside` and make a new directory; without,
+        note what would be done in `repairs` and return None."""
+        try:
+            return open_directory(parent, path, create)
+        except NotADirectory:
+            pass
+        name = os.path.basename(path)
+        what = describe_entry(parent, name)
+        if not create:
+            self.repairs.append(f"would quarantine the spool directory {path}: it is {what}, not a directory")
+            return None
+        aside_name = f".{name}.replaced@{self._new_id()}"
+        os.rename(name, aside_name, src_dir_fd=parent, dst_dir_fd=parent)
+        aside.append((parent, aside_name, path, what))
+        return open_directory(parent, path, create)
+
+    def _quarantine_replaced(self, parent, aside_name, path, what):
+        """Move a replaced spool directory set aside as `aside_name` into quarantine/;
+        return the error message."""
+        target = f"{os.path.basename(path)}@{self._new_id()}"
+        quarantine = self.descriptors[self.quarantine]
+        os.rename(aside_name, target, src_dir_fd=parent, dst_dir_fd=quarantine)
+        os.fsync(quarantine)
+        return (
+            f"quarantined the spool directory {path}: it was {what}, not a directory (nothing was"
+            f" followed or moved through it); kept as {os.path.join(self.quarantine, target)},"
+            " and an empty directory made in its place"
+        )
+
+    def remove_stale_temporary(self, max_age=STALE_AFTER):
+        """Delete what a killed hook left in tmp/: entries other than directories last
+        modified more than `max_age` seconds ago. Never follows a link; a tmp/
+        that is not a plain directory is left alone. Return the names removed."""
+        try:
+            root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return []
+        removed = []
+        try:
+            tmp = open_directory(root, os.path.join(self.root, "tmp"), False)
+            if tmp is None:
+                return []
+            try:
+                limit = time.time() - max_age
+                for name in os.listdir(tmp):
+                    info = os.stat(name, dir_fd=tmp, follow_symlinks=False)
+                    if not stat.S_ISDIR(info.st_mode) and info.st_mtime < limit:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(name, dir_fd=tmp)
+                            removed.append(name)
+            finally:
+                os.close(tmp)
+        except NotADirectory:
+            return []
+        finally:
+            os.close(root)
+        return removed
 
     def pending_names(self):
         """Return the visible names waiting in the queue (for status and wake-ups)."""
@@ -157,7 +233,7 @@ class Spool:
         that was quarantined instead.
         """
         queue, claimed = self.descriptors[self.queue], self.descriptors[self.claimed]
-        problems = []
+        problems = list(self.repairs)
         for raw_name in list_names(queue):
             if not NAME.fullmatch(raw_name.decode("latin-1")):
                 problems.append(self._quarantine(self.queue, raw_name, BAD_NAME))
@@ -178,7 +254,7 @@ class Spool:
 
         Return (notifications, problems), problems saying what would be quarantined.
         """
-        notifications, problems = [], []
+        notifications, problems = [], list(self.repairs)
         for directory, pattern in ((self.claimed, CLAIMED_NAME), (self.queue, NAME)):
             for raw_name, result in self._read_all(directory, pattern):
                 if isinstance(result, Notification):
@@ -253,9 +329,21 @@ def open_directory(parent, path, create):
         return None
     except OSError as error:
         if error.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise OSError(error.errno, "is a symbolic link or not a directory; the spool must be"
-                          " plain directories (remove it, certrelay recreates it)", path) from None
+            raise NotADirectory(error.errno, "is a symbolic link or not a directory; the spool must be"
+                                " plain directories (remove it, certrelay recreates it)", path) from None
         raise
+
+
+def describe_entry(parent, name):
+    """Return what the entry `name` below the descriptor `parent` is, for a message,
+    e.g. "a symbolic link to '/etc'"."""
+    try:
+        info = os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except OSError as error:
+        return f"unreadable ({error.strerror})"
+    if stat.S_ISLNK(info.st_mode):
+        return f"a symbolic link to {os.readlink(name, dir_fd=parent)[:200]!r}"
+    return "a " + files.kind(info.st_mode)
 
 
 def list_names(descriptor):

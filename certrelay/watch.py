@@ -121,8 +121,9 @@ class Watcher:
         for descriptor in list(manager.watches):
             manager.del_watch(descriptor)
         try:
-            with spool_module.Spool(self.config_dir).opened(create=True):
-                pass  # creates the spool, refusing symbolic links
+            with spool_module.Spool(self.config_dir).opened(create=True) as spool:
+                for repair in spool.repairs:  # creates the spool, setting aside symbolic links
+                    logger.error("%s", repair)
             mask = WATCH_MASK | pyinotify.IN_DELETE_SELF | pyinotify.IN_MOVE_SELF | pyinotify.IN_DONT_FOLLOW
             manager.add_watch(self.queue, mask, quiet=False)
         except (OSError, pyinotify.WatchManagerError) as error:

@@ -398,3 +398,12 @@ def test_hook_flushes_temporary_file_then_renames_it_into_queue(traced_run):
     assert os.path.dirname(source) == str(spool / "tmp")
     flushes = [time for time, call, paths in events if call in FLUSH_CALLS and paths in ([], [source])]
     assert flushes and min(flushes) < renamed_at
+
+
+def test_hook_makes_the_rename_durable_by_syncing_the_queue_directory(traced_run):
+    spool, events = traced_run
+    queue, queue_file = str(spool / "queue"), str(spool / "queue" / "x")
+    renamed_at = next(time for time, call, paths in events if call in RENAME_CALLS and paths[-1] == queue_file)
+    # A sync of the queue directory itself, or a global sync(), after the rename.
+    flushes = [(call, paths) for time, call, paths in events if call in FLUSH_CALLS and time > renamed_at]
+    assert any(paths in ([queue], []) for _, paths in flushes), flushes

@@ -441,17 +441,18 @@ TRIED["valid content naming another lineage"] += 3
         pytest.param(".", id="spool-itself"),
     ],
 )
-def test_run_never_moves_files_through_a_spool_directory_replaced_by_a_symlink(relay, tmp_path, replaced):
+def test_run_quarantines_a_spool_directory_replaced_by_a_symlink_without_following_it(relay, tmp_path, replaced):
     # A container that can write the spool can replace its directories by symlinks to
     # any host directory on the same file system; certrelay must not move files into it
-    # or out of it (claimed -> /etc would hand /etc/shadow to the container).
+    # or out of it (claimed -> /etc would hand /etc/shadow to the container). The link
+    # itself is quarantined and a real directory made in its place, so that the
+    # level-triggered path unit does not fire again and again.
     host = tmp_path / "host-directory"
     host.mkdir()
     (host / "shadow").write_text("root:$6$secret:19000::::::\n")
     (host / "sudoers").write_text("root ALL=(ALL) ALL\n")
     before = snapshot(host)
     relay.publish("herzbube.ch")
-    write_entry(os.path.join(relay.spool, "queue"), b"evil!", b"ALL ALL=(ALL) NOPASSWD: ALL\n")
     for name in ("claimed", "quarantine"):
         os.makedirs(os.path.join(relay.spool, name))
     path = os.path.normpath(os.path.join(relay.spool, replaced))
@@ -462,22 +463,50 @@ def test_run_never_moves_files_through_a_spool_directory_replaced_by_a_symlink(r
 
     assert_no_traceback(result.stderr)
     assert snapshot(host) == before
-    assert result.returncode in (1, 2) and "error: " in result.stderr
+    assert result.returncode == 1, result.stderr
+    assert f"error: quarantined the spool directory {path}: it was a symbolic link to '{host}'" in result.stderr
+    for name in ("queue", "claimed", "quarantine"):
+        assert not os.path.islink(os.path.join(relay.spool, name)) and os.path.isdir(os.path.join(relay.spool, name))
+    kept = [entry for entry in relay.entries("quarantine") if entry.startswith(os.path.basename(path) + "@")]
+    assert len(kept) == 1 and os.readlink(os.path.join(relay.spool, "quarantine", kept[0])) == str(host)
+    if replaced in ("claimed", "quarantine"):  # the queue was still real: its renewal went through
+        assert "done: restart dovecot.service (herzbube.ch)" in result.stderr
+    assert relay.entries("queue") == []
+
+    again = run(relay, tmp_path / "cwd")
+
+    assert again.returncode == 0, again.stderr
+    assert snapshot(host) == before
 
 
-def test_run_with_queue_that_is_a_file_says_so_and_exits_2(relay, tmp_path):
+def test_run_with_queue_that_is_a_file_quarantines_it_and_makes_a_directory(relay, tmp_path):
     os.makedirs(relay.spool)
     pathlib.Path(relay.spool, "queue").write_bytes(b"not a directory\n")
 
     result = run(relay, tmp_path / "cwd")
 
-    assert result.returncode == 2
+    assert result.returncode == 1, result.stderr
     assert_no_traceback(result.stderr)
-    assert f"error: cannot use {relay.spool}/queue" in result.stderr
-    assert pathlib.Path(relay.spool, "queue").read_bytes() == b"not a directory\n"
+    assert f"error: quarantined the spool directory {relay.spool}/queue: it was a regular file" in result.stderr
+    assert os.path.isdir(os.path.join(relay.spool, "queue"))
+    kept = [entry for entry in relay.entries("quarantine") if entry.startswith("queue@")]
+    assert pathlib.Path(relay.spool, "quarantine", kept[0]).read_bytes() == b"not a directory\n"
 
 
-TRIED["spool directory replaced (symlink out, file)"] += 5
+def test_dry_run_with_a_replaced_spool_directory_says_what_it_would_do_and_changes_nothing(relay, tmp_path):
+    host = tmp_path / "host-directory"
+    host.mkdir()
+    os.makedirs(relay.spool)
+    os.symlink(host, os.path.join(relay.spool, "queue"))
+
+    result = run(relay, tmp_path / "cwd", "--dry-run")
+
+    assert result.returncode == 1, result.stderr
+    assert f"would quarantine the spool directory {relay.spool}/queue: it is a symbolic link" in result.stderr
+    assert os.path.islink(os.path.join(relay.spool, "queue"))
+
+
+TRIED["spool directory replaced (symlink out, file)"] += 6
 
 
 # --- FIFOs are never opened --------------------------------------------------------------

@@ -409,3 +409,30 @@ def test_run_with_min_interval_waits_and_coalesces_a_flood_into_one_more_action(
     assert "reload apache2.service (b.ch, c.ch, d.ch)" in result.stderr.split("waiting")[1]
     assert relay.calls() == ["reload apache2.service"] * 2
     assert relay.entries("claimed") == [] and relay.entries("queue") == []
+
+
+def test_run_removes_day_old_temporary_files_of_killed_hooks_and_nothing_else(relay, tmp_path):
+    relay.publish("herzbube.ch")
+    tmp = os.path.join(relay.spool, "tmp")
+    outside = tmp_path / "outside"
+    outside.write_text("host file\n")
+    day_ago = time.time() - 86400 - 60
+    for name in ("herzbube.ch.4242", "old-link"):
+        path = os.path.join(tmp, name)
+        if name == "old-link":
+            os.symlink(outside, path)
+        else:
+            with open(path, "w") as file:
+                file.write("version=1\nname=herzbube.ch\n")
+        os.utime(path, (day_ago, day_ago), follow_symlinks=False)
+    with open(os.path.join(tmp, "moser-naef.ch.4343"), "w") as file:
+        file.write("being written right now\n")
+    os.makedirs(os.path.join(tmp, "old-directory"))
+    os.utime(os.path.join(tmp, "old-directory"), (day_ago, day_ago))
+
+    result = relay.run("--verbose")
+
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp)) == ["moser-naef.ch.4343", "old-directory"]
+    assert outside.read_text() == "host file\n"
+    assert f"removed {relay.spool}/tmp/herzbube.ch.4242, left by a hook killed over a day ago" in result.stderr

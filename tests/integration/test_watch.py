@@ -174,6 +174,32 @@ def test_watch_watches_a_removed_and_recreated_queue_again(relay, notify):
     assert len(relay.calls()) == 3
 
 
+def test_watch_quarantines_a_queue_replaced_by_a_symlink_and_goes_on(relay, notify, tmp_path):
+    relay.write_rules(FAST + WRITE_UP_RULES)
+    process = start_watch(relay, notify)
+    notify.wait_for(lambda m: "READY=1" in m)
+    host = tmp_path / "host-directory"
+    host.mkdir()
+    (host / "shadow").write_text("secret\n")
+    queue = os.path.join(relay.spool, "queue")
+
+    os.rename(queue, tmp_path / "moved-aside")
+    os.symlink(host, queue)
+    deadline = time.monotonic() + 10
+    while os.path.islink(queue):
+        assert time.monotonic() < deadline, "the daemon left the symlinked queue in place"
+        time.sleep(0.02)
+    relay.publish("herzbube.ch")
+    notify.wait_for(lambda m: "1 notification(s)" in m)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=30)[0]
+
+    assert sorted(os.listdir(host)) == ["shadow"] and (host / "shadow").read_text() == "secret\n"
+    assert f"error: quarantined the spool directory {queue}: it was a symbolic link to '{host}'" in output
+    assert [entry.partition("@")[0] for entry in relay.entries("quarantine")] == ["queue"]
+    assert len(relay.calls()) == 3
+
+
 def test_watch_survives_an_entry_whose_name_is_not_utf8(relay, notify):
     relay.write_rules(FAST + WRITE_UP_RULES)
     process = start_watch(relay, notify)
