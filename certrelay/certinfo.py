@@ -1,0 +1,406 @@
+"""What a certificate says (fingerprint, serial, validity, domains), and expiry levels.
+
+Parsing X.509 needs python3-cryptography, whose import costs more than the rest of a
+`certrelay run`; so it is imported inside `from_der` only, and `Cache` keeps what was
+parsed, keyed by the SHA-256 of the DER, in a JSON file in the state dir: a
+certificate is parsed once in its life.
+
+Works with cryptography 38 (Debian 12) and the newest: the `*_utc` date properties
+exist only from 42, and the naive ones warn (DeprecationWarning) from 42 on.
+
+Also the parsers for the expiry settings: `parse_duration` (systemd-style time spans,
+used for every `[settings]` duration) and `parse_threshold` (a fraction of the
+lifetime, or a duration), and `level`, which applies two thresholds to a certificate.
+"""
+
+import base64
+import binascii
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+
+logger = logging.getLogger(__name__)
+
+DAY = 86400.0
+PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.DOTALL
+)
+
+
+class CertificateParseError(ValueError):
+    """The bytes are not a certificate that can be read; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CertInfo:
+    """The facts of one certificate that certrelay reports on.
+
+    `sha256`: hex SHA-256 of the DER; `serial`: uppercase hex as `openssl x509 -serial`
+    prints it; `not_before`, `not_after`: epoch seconds (UTC); `domains`: the DNS names
+    of the subjectAltName, else the subject's CN, else empty.
+    """
+
+    sha256: str
+    serial: str
+    not_before: float
+    not_after: float
+    domains: tuple = ()
+
+    @property
+    def lifetime(self):
+        """Seconds from not_before to not_after."""
+        return self.not_after - self.not_before
+
+    def left(self, now):
+        """Seconds from `now` (epoch) to not_after; negative once expired."""
+        return self.not_after - now
+
+    def days_left(self, now):
+        """`left(now)` in days (float)."""
+        return self.left(now) / DAY
+
+    def fraction_left(self, now):
+        """The part of the lifetime still left at `now`: 1 at not_before, 0 at
+        not_after, negative once expired (0 for a certificate without a lifetime)."""
+        if self.lifetime <= 0:
+            return 0.0
+        return self.left(now) / self.lifetime
+
+    def expired(self, now):
+        """True after not_after (which RFC 5280 counts as still valid)."""
+        return now > self.not_after
+
+    def to_json(self):
+        """Return a JSON-able dict; `from_json` reads it back."""
+        return {
+            "sha256": self.sha256,
+            "serial": self.serial,
+            "not_before": self.not_before,
+            "not_after": self.not_after,
+            "domains": list(self.domains),
+        }
+
+    @classmethod
+    def from_json(cls, data):
+        """Return the CertInfo in a dict written by `to_json`; raise ValueError if
+        anything is missing or of the wrong type."""
+        try:
+            info = cls(
+                sha256=data["sha256"],
+                serial=data["serial"],
+                not_before=float(data["not_before"]),
+                not_after=float(data["not_after"]),
+                domains=tuple(data["domains"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"not a certificate entry: {error!r}") from None
+        strings = (info.sha256, info.serial, *info.domains)
+        if not all(isinstance(value, str) for value in strings) or isinstance(data["domains"], str):
+            raise ValueError("not a certificate entry: a field is not text")
+        return info
+
+
+def der_from_pem(data):
+    """Return the DER bytes of the first certificate in PEM `data` (bytes or str).
+
+    Raise CertificateParseError if there is no PEM certificate block or its base64
+    is invalid.
+    """
+    if isinstance(data, str):
+        data = data.encode("ascii", "replace")
+    found = PEM_CERTIFICATE.search(data)
+    if not found:
+        raise CertificateParseError("no PEM certificate (-----BEGIN CERTIFICATE-----) found")
+    try:
+        der = base64.b64decode(re.sub(rb"\s+", b"", found.group(1)), validate=True)
+    except binascii.Error as error:
+        raise CertificateParseError(f"the PEM certificate is not valid base64: {error}") from None
+    if not der:
+        raise CertificateParseError("the PEM certificate block is empty")
+    return der
+
+
+def from_pem(data):
+    """Return the CertInfo of the first certificate in PEM `data` (bytes or str).
+
+    Raise CertificateParseError if there is none or it does not parse.
+    """
+    return from_der(der_from_pem(data))
+
+
+def from_der(der):
+    """Parse the DER bytes of an X.509 certificate; return its CertInfo.
+
+    Raise CertificateParseError if they are not a certificate cryptography can read.
+    """
+    from cryptography import x509  # here, not at the top: see the module docstring
+
+    try:
+        certificate = x509.load_der_x509_certificate(bytes(der))
+        return CertInfo(
+            sha256=hashlib.sha256(der).hexdigest(),
+            serial=openssl_serial(certificate.serial_number),
+            not_before=epoch(certificate, "not_valid_before"),
+            not_after=epoch(certificate, "not_valid_after"),
+            domains=certificate_domains(certificate, x509),
+        )
+    # ValueError also comes later than the load: cryptography parses some fields lazily
+    except (ValueError, x509.InvalidVersion, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as error:
+        raise CertificateParseError(f"not a readable X.509 certificate: {error}") from None
+
+
+def openssl_serial(number):
+    """Return `number` as `openssl x509 -serial` prints it: uppercase hex, an even
+    number of digits."""
+    digits = format(abs(number), "X")
+    digits = "0" * (len(digits) % 2) + digits
+    return "-" + digits if number < 0 else digits
+
+
+def epoch(certificate, attribute):
+    """Return the date `attribute` ("not_valid_before" or "not_valid_after") of a
+    cryptography certificate as epoch seconds, without a DeprecationWarning on any
+    version: `ATTRIBUTE_utc` is aware (cryptography >= 42), `ATTRIBUTE` naive UTC."""
+    aware = getattr(certificate, attribute + "_utc", None)
+    if aware is None:
+        aware = getattr(certificate, attribute).replace(tzinfo=datetime.timezone.utc)
+    return aware.timestamp()
+
+
+def certificate_domains(certificate, x509):
+    """Return the subjectAltName DNS names of a cryptography certificate, or else its
+    subject CNs, as a tuple."""
+    try:
+        extension = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        names = extension.value.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        names = []
+    if not names:
+        names = [
+            attribute.value if isinstance(attribute.value, str) else attribute.value.decode("utf-8", "replace")
+            for attribute in certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        ]
+    return tuple(names)
+
+
+class Cache:
+    """CertInfo per SHA-256 of the DER, kept in the JSON file `path`
+    ({sha256: CertInfo.to_json()}), so that each certificate is parsed only once.
+
+    A missing, corrupt or unreadable file counts as empty (a warning is logged); the
+    worst case is parsing again.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.entries = self.load(path)
+        self.changed = False
+
+    @staticmethod
+    def load(path):
+        """Return {sha256: CertInfo} from the file `path`, skipping what is not valid."""
+        try:
+            with open(path, encoding="utf-8") as file:
+                data = json.load(file)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError too
+            logger.warning("ignoring the unreadable certificate cache %s: %s", path, error)
+            return {}
+        entries = {}
+        for sha256, value in data.items():
+            try:
+                info = CertInfo.from_json(value)
+            except ValueError as error:
+                logger.warning("ignoring an entry of the certificate cache %s: %s", path, error)
+                continue
+            if info.sha256 == sha256:
+                entries[sha256] = info
+        return entries
+
+    def info_for_pem(self, data):
+        """Return the CertInfo of the first certificate in PEM `data`; raise
+        CertificateParseError."""
+        return self.info_for_der(der_from_pem(data))
+
+    def info_for_der(self, der):
+        """Return the CertInfo of the DER certificate `der`, parsing it only if it is
+        not cached yet; raise CertificateParseError."""
+        sha256 = hashlib.sha256(der).hexdigest()
+        info = self.entries.get(sha256)
+        if info is None:
+            info = from_der(der)
+            self.entries[sha256] = info
+            self.changed = True
+        return info
+
+    def prune(self, keep_sha256s):
+        """Forget every certificate whose SHA-256 is not in `keep_sha256s`."""
+        keep = set(keep_sha256s)
+        for sha256 in [sha256 for sha256 in self.entries if sha256 not in keep]:
+            del self.entries[sha256]
+            self.changed = True
+
+    def save(self):
+        """Write the file atomically if an entry was added or pruned.
+
+        Return True if it was written (or nothing changed); on an OSError (e.g. a
+        read-only state dir) log a warning and return False: the cache only saves work.
+        """
+        if not self.changed:
+            return True
+        data = {sha256: info.to_json() for sha256, info in sorted(self.entries.items())}
+        try:
+            write_atomically(self.path, json.dumps(data, indent=1).encode("utf-8") + b"\n", 0o600)
+        except OSError as error:
+            logger.warning("cannot save the certificate cache %s: %s", self.path, error)
+            return False
+        self.changed = False
+        return True
+
+
+def write_atomically(path, content, mode):
+    """Replace the file `path` by the bytes `content` with permissions `mode`: a
+    dot-prefixed temp file in the same directory, fsync, rename, fsync the directory.
+    Readers see the old file or the new one, never a part."""
+    directory = os.path.dirname(path) or "."
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(content)
+            os.fchmod(file.fileno(), mode)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    directory_descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(directory_descriptor)
+    finally:
+        os.close(directory_descriptor)
+
+
+
+# systemd.time(7) time span units, in seconds. Case matters: "M" is a month, "m" a minute.
+DURATION_UNITS = {
+    **dict.fromkeys(("us", "usec", "μs"), 1e-6),
+    **dict.fromkeys(("ms", "msec"), 1e-3),
+    **dict.fromkeys(("s", "sec", "second", "seconds"), 1.0),
+    **dict.fromkeys(("m", "min", "minute", "minutes"), 60.0),
+    **dict.fromkeys(("h", "hr", "hour", "hours"), 3600.0),
+    **dict.fromkeys(("d", "day", "days"), DAY),
+    **dict.fromkeys(("w", "week", "weeks"), 7 * DAY),
+    **dict.fromkeys(("M", "month", "months"), 30.44 * DAY),
+    **dict.fromkeys(("y", "year", "years"), 365.25 * DAY),
+}
+UNITS_ACCEPTED = "us, ms, s/sec, m/min, h/hr, d/day, w/week, M/month, y/year"
+NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+BARE_NUMBER = re.compile(rf"\s*{NUMBER}\s*")
+DURATION_PART = re.compile(rf"\s*({NUMBER})\s*([^\s\d.]*)\s*")
+
+
+def parse_duration(value):
+    """Return a duration in seconds (float) from a non-negative number of seconds or a
+    systemd-style time span: "90s", "15min", "1h 30min", "1h30min", "1.5h", "2w".
+
+    A string that is a bare number means seconds, as in systemd. Raise ValueError
+    naming the bad part and the units accepted.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"duration {value!r}: expected a number of seconds or a text like '20d' or '1h 30min'")
+    if not isinstance(value, str):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"duration {value!r}: must be a non-negative number of seconds")
+        return float(value)
+    text = value.strip()
+    if not text:
+        raise ValueError(f"duration {value!r} is empty; units: {UNITS_ACCEPTED}")
+    if BARE_NUMBER.fullmatch(text):
+        return float(text)
+    total, position = 0.0, 0
+    while position < len(text):
+        part = DURATION_PART.match(text, position)
+        if not part:
+            raise ValueError(
+                f"duration {value!r}: cannot read {text[position:]!r}; expected a number and a unit ({UNITS_ACCEPTED})"
+            )
+        number, unit = part.groups()
+        if unit not in DURATION_UNITS:
+            what = f"unknown unit {unit!r}" if unit else "no unit"
+            raise ValueError(f"duration {value!r}: {what} in {part.group().strip()!r}; units: {UNITS_ACCEPTED}")
+        total += float(number) * DURATION_UNITS[unit]
+        position = part.end()
+    return total
+
+
+def format_duration(seconds):
+    """Return `seconds` as a short text for people: "18d", "36h", "90s", "12.5d"."""
+    for unit, size in (("d", DAY), ("h", 3600.0), ("min", 60.0)):
+        if abs(seconds) >= size:
+            return f"{seconds / size:.4g}{unit}"
+    return f"{seconds:.4g}s"
+
+
+@dataclasses.dataclass(frozen=True)
+class Threshold:
+    """An expiry threshold: a `fraction` of the certificate's lifetime (0.2: alert
+    when a fifth of it is left), or a fixed `duration` in seconds. Exactly one is set;
+    make one with `parse_threshold`."""
+
+    fraction: float | None = None
+    duration: float | None = None
+
+    def seconds(self, lifetime):
+        """Return the threshold in seconds for a certificate lasting `lifetime` seconds."""
+        if self.fraction is not None:
+            return self.fraction * lifetime
+        return self.duration
+
+    def __str__(self):
+        if self.fraction is not None:
+            return f"{self.fraction:g} of the lifetime"
+        return format_duration(self.duration)
+
+
+def parse_threshold(value):
+    """Return the Threshold for a setting `value`: a number 0 < x < 1 (a fraction of
+    the lifetime) or a duration text for `parse_duration` ("18d"). Raise ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(f"threshold {value!r}: expected a fraction like 0.2 or a duration like '18d'")
+    if isinstance(value, (int, float)):
+        if not 0 < value < 1:
+            raise ValueError(
+                f"threshold {value!r}: a number is a fraction of the lifetime and must lie"
+                " between 0 and 1 (e.g. 0.2); write a duration as text, e.g. '18d'"
+            )
+        return Threshold(fraction=float(value))
+    if isinstance(value, str) and BARE_NUMBER.fullmatch(value):
+        # parse_duration would read "0.2" as 0.2 seconds: surely a fraction was meant
+        raise ValueError(
+            f"threshold {value!r} has no unit: write 0.2 (a number) for a fraction of the lifetime, or e.g. '18d'"
+        )
+    return Threshold(duration=parse_duration(value))
+
+
+def level(info, now, warning, critical):
+    """Return "ok", "warning" or "critical" for the CertInfo `info` at epoch `now`,
+    given the Thresholds `warning` and `critical`: critical once expired or when less
+    than the critical threshold is left, warning when less than the warning one is."""
+    left = info.left(now)
+    if info.expired(now) or left < critical.seconds(info.lifetime):
+        return "critical"
+    if left < warning.seconds(info.lifetime):
+        return "warning"
+    return "ok"
