@@ -5,6 +5,9 @@ PKGLIBDIR ?= $(PREFIX)/lib/certrelay
 SHAREDIR ?= $(PREFIX)/share/certrelay
 DOCDIR ?= $(PREFIX)/share/doc/certrelay
 UNITDIR ?= $(PREFIX)/lib/systemd/system
+MANDIR ?= $(PREFIX)/share/man
+BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
+ZSHCOMPDIR ?= $(PREFIX)/share/zsh/site-functions
 SYSCONFDIR ?= /etc
 CONFIG_DIR ?= /etc/letsencrypt
 STATE_DIR ?= /var/lib/certrelay
@@ -21,15 +24,18 @@ PYTEST_FLAGS ?= -q
 UNITS = certrelay.path certrelay.service certrelay-retry.timer certrelay-watch.service \
         certbot-docker-renew.service certbot-docker-renew.timer
 PATHS = $(BINDIR) $(PKGLIBDIR) $(DOCDIR) $(CONFIG_DIR) $(STATE_DIR) $(RULES) $(PYTHON) $(DOCKER)
-BUILT = $(addprefix build/units/,$(UNITS)) build/bin/certrelay
+BUILT = $(addprefix build/units/,$(UNITS)) build/bin/certrelay build/man/certrelay.8 \
+	build/completion/certrelay build/completion/_certrelay
 SUBSTITUTE = sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@PKGLIBDIR@|$(PKGLIBDIR)|g' \
 	-e 's|@DOCDIR@|$(DOCDIR)|g' -e 's|@CONFIG_DIR@|$(CONFIG_DIR)|g' \
 	-e 's|@STATE_DIR@|$(STATE_DIR)|g' -e 's|@RULES@|$(RULES)|g' -e 's|@PYTHON@|$(PYTHON)|g' \
 	-e 's|@DOCKER@|$(DOCKER)|g'
 SHELL_SCRIPTS = hooks/certrelay-hook tests/fake_systemctl tests/acme_hooks/auth-hook \
-	tests/acme_hooks/cleanup-hook demo/demo.sh demo/systemctl demo/shell-probe-hook
+	tests/acme_hooks/cleanup-hook demo/demo.sh demo/systemctl demo/shell-probe-hook \
+	debian/certrelay.postinst debian/certrelay.postrm debian/tests/smoke
 
-.PHONY: all install uninstall install-hook test lint test-system test-newest e2e demo bench clean
+.PHONY: all install uninstall install-hook test lint test-system test-newest e2e demo bench clean \
+	deb lintian package
 
 all: $(BUILT)
 
@@ -48,6 +54,21 @@ build/bin/certrelay: bin/certrelay.in build/paths
 	$(SUBSTITUTE) $< > $@
 	chmod 0755 $@
 
+# certrelay(8) from the click definitions; certrelay-rules(5) is man/certrelay-rules.5.
+build/man/certrelay.8: tools/manpage.py $(wildcard certrelay/*.py)
+	@mkdir -p build/man
+	$(PYTHON) tools/manpage.py > $@.tmp && mv $@.tmp $@
+
+# Shell completion from click: the scripts ask certrelay itself at Tab time.
+COMPLETE = $(PYTHON) -c 'import sys; sys.path.insert(0, "$(CURDIR)"); \
+	from certrelay.cli import main; main(prog_name="certrelay")' > $@.tmp && mv $@.tmp $@
+build/completion/certrelay: $(wildcard certrelay/*.py)
+	@mkdir -p build/completion
+	_CERTRELAY_COMPLETE=bash_source $(COMPLETE)
+build/completion/_certrelay: $(wildcard certrelay/*.py)
+	@mkdir -p build/completion
+	_CERTRELAY_COMPLETE=zsh_source $(COMPLETE)
+
 install: all
 	install -d $(DESTDIR)$(PKGLIBDIR)/certrelay
 	install -m 0644 certrelay/*.py $(DESTDIR)$(PKGLIBDIR)/certrelay/
@@ -57,6 +78,10 @@ install: all
 	install -D -m 0755 hooks/certrelay-hook $(DESTDIR)$(SHAREDIR)/certrelay-hook
 	install -D -m 0644 etc/rules.toml $(DESTDIR)$(SHAREDIR)/rules.toml.example
 	install -D -m 0644 README.md $(DESTDIR)$(DOCDIR)/README.md
+	install -D -m 0644 build/man/certrelay.8 $(DESTDIR)$(MANDIR)/man8/certrelay.8
+	install -D -m 0644 man/certrelay-rules.5 $(DESTDIR)$(MANDIR)/man5/certrelay-rules.5
+	install -D -m 0644 build/completion/certrelay $(DESTDIR)$(BASHCOMPDIR)/certrelay
+	install -D -m 0644 build/completion/_certrelay $(DESTDIR)$(ZSHCOMPDIR)/_certrelay
 	install -d $(DESTDIR)$(UNITDIR)
 	install -m 0644 $(addprefix build/units/,$(UNITS)) $(DESTDIR)$(UNITDIR)/
 	# Never overwrite an admin's rules.
@@ -65,13 +90,15 @@ install: all
 uninstall:
 	rm -rf $(DESTDIR)$(PKGLIBDIR) $(DESTDIR)$(SHAREDIR) $(DESTDIR)$(DOCDIR)
 	rm -f $(DESTDIR)$(BINDIR)/certrelay $(addprefix $(DESTDIR)$(UNITDIR)/,$(UNITS))
+	rm -f $(DESTDIR)$(MANDIR)/man8/certrelay.8 $(DESTDIR)$(MANDIR)/man5/certrelay-rules.5 \
+		$(DESTDIR)$(BASHCOMPDIR)/certrelay $(DESTDIR)$(ZSHCOMPDIR)/_certrelay
 	@echo "kept $(DESTDIR)$(RULES), $(STATE_DIR) and $(CONFIG_DIR)/certrelay: remove them by hand if you want"
 
 # Put the hook where certbot runs deploy hooks (the certbot container sees it there).
 install-hook:
 	install -D -m 0755 hooks/certrelay-hook $(DESTDIR)$(CONFIG_DIR)/renewal-hooks/deploy/certrelay-hook
 
-test: lint test-system test-newest e2e
+test: lint test-system test-newest package e2e
 
 # systemd-analyze verify wants every Exec path to exist: install into build/verify and
 # point the units there (docker: the client on PATH, else a stand-in binary).
@@ -102,6 +129,32 @@ e2e:
 	@if [ "$$(id -u)" = 0 ] && command -v systemd-nspawn >/dev/null; then \
 		$(PYTHON) -m pytest $(PYTEST_FLAGS) -m e2e tests/e2e; \
 	else echo "e2e: skipped (needs root and systemd-nspawn)"; fi
+
+# The Debian package, built from a copy of the tree (nothing from .cache/ or build/
+# gets into the source package) with a clean environment: a pyenv or venv on PATH
+# must not leak into pybuild. The build runs the tests that need neither root nor a
+# network (debian/rules). DEB_BUILD_OPTIONS=nocheck skips them.
+VERSION = $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' certrelay/__init__.py)
+DEB_DIR ?= build/deb
+DEB_SOURCE = $(DEB_DIR)/certrelay-$(VERSION)
+
+deb:
+	rm -rf $(DEB_DIR) && mkdir -p $(DEB_SOURCE)
+	tar -c --exclude-vcs --exclude=./.cache --exclude=./build --exclude=./dist --exclude='./.venv*' \
+		--exclude=./.pybuild --exclude=__pycache__ --exclude=.pytest_cache --exclude=.hypothesis \
+		--exclude='*.egg-info' . | tar -x -C $(DEB_SOURCE)
+	cd $(DEB_SOURCE) && env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=$${HOME:-/root} LANG=C.UTF-8 \
+		DEB_BUILD_OPTIONS="$(DEB_BUILD_OPTIONS)" dpkg-buildpackage --build=full --no-sign
+	rm -rf $(DEB_SOURCE)
+	@ls $(DEB_DIR)/certrelay_$(VERSION)_all.deb
+
+# lintian on the .changes (source and binary); info and pedantic tags are shown too.
+lintian:
+	lintian --fail-on error,warning --display-info --pedantic $(DEB_DIR)/certrelay_$(VERSION)_*.changes
+
+package:
+	$(MAKE) --no-print-directory deb
+	$(MAKE) --no-print-directory lintian
 
 demo:
 	sh demo/demo.sh

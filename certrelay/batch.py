@@ -1,18 +1,21 @@
-"""Process one batch: claim the queue, plan, act, then settle each notification.
+"""Process one batch: claim the queue, reconcile, plan, act, verify, then settle.
 
 Shared by `certrelay run` and the watch daemon. At least once: a notification is
-deleted only after every action it needs succeeded; until then it stays in claimed/
-(outside the queue, so a path unit does not fire again) and every later batch retries
-what is left of it. Only real change is acted on: a notification whose live
-certificate is the one certrelay last acted on for that lineage is dropped (a
-`--dry-run --run-deploy-hooks` renewal, a replay, a forgery), unless `force`.
+deleted only after every action and verification it needs succeeded; until then it
+stays in claimed/ (outside the queue, so a path unit does not fire again) and every
+later batch retries what is left of it. Only real change is acted on: a notification
+whose live certificate is the one certrelay last acted on for that lineage is dropped
+(a `--dry-run --run-deploy-hooks` renewal, a replay, a forgery), unless `force`. A
+lineage that changed with no notification at all is found by reconcile and acted on
+as if notified.
 """
 
 import dataclasses
 import logging
 import time
 
-from certrelay import certificate, execute, plan as plan_module, spool as spool_module, state
+from certrelay import certificate, execute, plan as plan_module, reconcile, rules as rules_module
+from certrelay import spool as spool_module, state, status
 
 logger = logging.getLogger(__name__)
 
@@ -33,18 +36,23 @@ class Outcome:
     unchanged: int = 0
     unreadable: int = 0
     quarantined: int = 0
+    unannounced: int = 0
     actions: int = 0
     failed: int = 0
+    verified: int = 0
+    unverified: int = 0
+    expiring: int = 0
     dry_run: bool = False
     deferred_until: float = None
 
     @property
     def ok(self):
-        return not (self.kept or self.quarantined or self.failed or self.unreadable)
+        return not (self.kept or self.quarantined or self.failed or self.unreadable or self.unverified
+                    or self.expiring)
 
     def summary(self):
         """Return one line a person can read, e.g. for the daemon's STATUS=."""
-        if not self.notifications and not self.quarantined:
+        if not self.notifications and not self.quarantined and not self.expiring:
             return "nothing pending"
         parts = [f"{self.notifications} notification(s)"]
         if self.dry_run:
@@ -52,9 +60,12 @@ class Outcome:
         else:
             parts.append(f"{self.actions - self.failed}/{self.actions} action(s) done")
         for count, words in (
+            (self.unannounced, "found without a notification"),
+            (self.verified, "endpoint(s) verified"), (self.unverified, "endpoint(s) NOT serving the live certificate"),
             (self.kept, "kept for retry"), (self.deferred, "deferred by min-interval"),
             (self.unchanged, "unchanged"), (self.unmatched, "matched no rule"),
             (self.unreadable, "without a readable certificate"), (self.quarantined, "quarantined"),
+            (self.expiring, "certificate(s) close to expiry"),
         ):
             if count:
                 parts.append(f"{count} {words}")
@@ -62,7 +73,8 @@ class Outcome:
 
 
 def process(config_dir, rules, state_dir, dry_run=False, force=False):
-    """Process every pending notification of `config_dir` once under `rules`.
+    """Process every pending notification of `config_dir` once under `rules`, and
+    whatever renewed without one.
 
     Return an `Outcome`. With `dry_run`, log the plan and change nothing; with
     `force`, act even on certificates that did not change.
@@ -70,95 +82,185 @@ def process(config_dir, rules, state_dir, dry_run=False, force=False):
     if dry_run:
         with spool_module.Spool(config_dir).opened() as spool:
             notifications, problems = spool.peek()
-            return settle_batch(spool, notifications, problems, rules, state_dir, force, dry_run=True)
+            return Batch(spool, rules, state_dir, force, dry_run=True).settle(notifications, problems)
     with state.locked(state_dir), spool_module.Spool(config_dir).opened(create=True) as spool:
         notifications, problems = spool.claim()
         for name in spool.remove_stale_temporary():
             logger.debug("removed %s/tmp/%s, left by a hook killed over a day ago", spool.root, name)
-        return settle_batch(spool, notifications, problems, rules, state_dir, force)
+        return Batch(spool, rules, state_dir, force).settle(notifications, problems)
 
 
-def settle_batch(spool, notifications, problems, rules, state_dir, force, dry_run=False):
-    """Plan and carry out the batch of claimed `notifications`; return the `Outcome`."""
-    for problem in problems:
-        logger.error("%s", problem)
-    drop = (lambda notification: None) if dry_run else spool.done
-    said = {"drop": "dropped", "skip": "skipped", "defer": "deferred"}
-    if dry_run:
-        said = {word: "would " + word for word in said}
-    progress, ledger, unit_times = (
-        state.Store(state_dir, name) for name in ("progress.json", "ledger.json", "units.json")
-    )
-    outcome = Outcome(notifications=len(notifications), quarantined=len(problems), dry_run=dry_run)
+class Batch:
+    """One batch over claimed notifications: each step is a method, `settle` runs them."""
 
-    # Only real change: drop what cannot be read, skip what was acted on already.
-    changed, fingerprints = [], {}
-    for notification in notifications:
-        name = notification.name
-        try:
-            fingerprints[notification.entry] = certificate.fingerprint(spool.config_dir, name)
-        except certificate.CertificateError as error:
-            logger.error("%s the notification for %s: its live certificate cannot be read: %s",
-                         said["drop"], name, error)
-            outcome.unreadable += 1
-            drop(notification)
-            continue
-        kept_before = notification.entry in progress.data
-        if not force and not kept_before and ledger.data.get(name) == fingerprints[notification.entry]:
-            logger.info("%s %s: its certificate did not change since the last action (--force acts anyway)",
-                        said["skip"], name)
-            outcome.unchanged += 1
-            drop(notification)
-            continue
-        changed.append(notification)
+    def __init__(self, spool, rules, state_dir, force, dry_run=False):
+        self.spool, self.rules, self.state_dir, self.force, self.dry_run = spool, rules, state_dir, force, dry_run
+        self.config_dir = spool.config_dir
+        self.progress, self.ledger, self.unit_times = (
+            state.Store(state_dir, name) for name in ("progress.json", "ledger.json", "units.json")
+        )
+        self.recorder = status.Recorder(state_dir)
+        self.fingerprints = {}  # entry -> fingerprint of the live certificate
+        self.said = {"drop": "dropped", "skip": "skipped", "defer": "deferred"}
+        if dry_run:
+            self.said = {word: "would " + word for word in self.said}
 
-    done = {entry: set(keys) for entry, keys in progress.data.items()}
-    plan = plan_module.make_plan(changed, rules, spool.config_dir, done)
-    for notification in plan.unmatched:
-        logger.warning("%s the notification for %s: no rule matches it", said["drop"], notification.name)
-        outcome.unmatched += 1
-        drop(notification)
+    def drop(self, notification):
+        if not self.dry_run:
+            self.spool.done(notification)
 
-    # The per-unit minimum interval holds actions back; their notifications wait.
-    now, interval = time.time(), rules.settings["min-interval"]
-    ready = []
-    for action in plan.actions:
-        allowed = 0 if action.verb == "run" else unit_times.data.get(action.target, 0) + interval
-        if allowed > now:
-            logger.info("%s %s: its last action was less than min-interval (%g s) ago",
-                        said["defer"], action.describe(), interval)
-            outcome.deferred_until = min(outcome.deferred_until or allowed, allowed)
-        else:
-            ready.append(action)
-    outcome.actions = len(ready)
-    results = execute.apply(ready, rules.settings["timeout"], dry_run)
-    if dry_run:
+    def settle(self, notifications, problems):
+        """Plan and carry out the batch; return the `Outcome`."""
+        for problem in problems:
+            logger.error("%s", problem)
+        outcome = Outcome(quarantined=len(problems), dry_run=self.dry_run)
+        changed = self.only_changed(notifications, outcome)
+        changed += self.unannounced(changed, outcome)
+        outcome.notifications = len(notifications) + outcome.unannounced
+        done = {entry: set(keys) for entry, keys in self.progress.data.items()}
+        plan = plan_module.make_plan(changed, self.rules, self.config_dir, done)
+        for notification in plan.unmatched:
+            logger.warning("%s the notification for %s: no rule matches it", self.said["drop"], notification.name)
+            outcome.unmatched += 1
+            self.drop(notification)
+        ready = self.not_deferred(plan.actions, outcome)
+        outcome.actions = len(ready)
+        results = execute.apply(ready, self.rules.settings["timeout"], self.config_dir, self.dry_run)
+        checks = self.checks_ready(changed, plan, done, results)
+        if self.dry_run:
+            for check in checks:
+                logger.info("would verify that %s serves the live certificate of %s", check.endpoint.url, check.name)
+            return outcome
+        now = time.time()
+        for action in ready:
+            if action.verb in rules_module.UNIT_VERBS:
+                self.unit_times.data[action.target] = now
+            self.recorder.action(action, results[action.key], now)
+        outcome.failed = sum(not result.ok for result in results.values())
+        verdicts = self.verify(checks, ready, results, outcome)
+        self.settle_notifications(changed, plan, done, results, verdicts, outcome)
+        outcome.expiring = len(self.expiry_alarms())
+        for store in (self.progress, self.ledger, self.unit_times):
+            store.save()
+        self.recorder.finished(now, self.spool)
+        if self.rules.settings["metrics"]:
+            status.write_metrics(self.rules.settings["metrics"], status.snapshot(self.config_dir, self.rules, self.state_dir))
         return outcome
-    for action in ready:
-        if action.verb != "run":
-            unit_times.data[action.target] = now
-    outcome.failed = sum(not result.ok for result in results.values())
 
-    # Settle: done when every needed action succeeded (now or in an earlier run).
-    progress.data = {}
-    for notification in changed:
-        if notification in plan.unmatched:
-            continue
-        needed = plan.needs[notification.entry]
-        succeeded = set(done.get(notification.entry, ()))
-        succeeded |= {key for key in needed if key in results and results[key].ok}
-        if needed <= succeeded:
-            ledger.data[notification.name] = fingerprints[notification.entry]
-            spool.done(notification)
-            outcome.done += 1
-            continue
-        progress.data[notification.entry] = sorted(succeeded)
-        if any(key in results for key in needed - succeeded):
-            outcome.kept += 1
-            logger.warning("kept the notification for %s in %s; a later run retries what failed",
-                           notification.name, spool.claimed)
-        else:
-            outcome.deferred += 1
-    for store in (progress, ledger, unit_times):
-        store.save()
-    return outcome
+    def only_changed(self, notifications, outcome):
+        """Return the notifications worth acting on: readable, and changed since the
+        last action (or kept from an earlier run, or `force`); drop the rest."""
+        changed = []
+        for notification in notifications:
+            name = notification.name
+            try:
+                self.fingerprints[notification.entry] = certificate.fingerprint(self.config_dir, name)
+            except certificate.CertificateError as error:
+                logger.error("%s the notification for %s: its live certificate cannot be read: %s",
+                             self.said["drop"], name, error)
+                outcome.unreadable += 1
+                self.drop(notification)
+                continue
+            kept_before = notification.entry in self.progress.data
+            if not self.force and not kept_before and self.ledger.data.get(name) == self.fingerprints[notification.entry]:
+                logger.info("%s %s: its certificate did not change since the last action (--force acts anyway)",
+                            self.said["skip"], name)
+                outcome.unchanged += 1
+                self.drop(notification)
+                continue
+            changed.append(notification)
+        return changed
+
+    def unannounced(self, changed, outcome):
+        """Return notifications standing in for lineages renewed without one (reconcile)."""
+        found = reconcile.find(self.config_dir, self.rules, self.ledger, {n.name for n in changed},
+                               self.progress.data, self.dry_run, self.state_dir)
+        for notification, fingerprint in found:
+            self.fingerprints[notification.entry] = fingerprint
+        outcome.unannounced = len(found)
+        return [notification for notification, _ in found]
+
+    def not_deferred(self, actions, outcome):
+        """Return the actions the per-unit minimum interval allows now."""
+        now, interval = time.time(), self.rules.settings["min-interval"]
+        ready = []
+        for action in actions:
+            allowed = 0
+            if action.verb in rules_module.UNIT_VERBS:
+                allowed = self.unit_times.data.get(action.target, 0) + interval
+            if allowed > now:
+                logger.info("%s %s: its last action was less than min-interval (%g s) ago",
+                            self.said["defer"], action.describe(), interval)
+                outcome.deferred_until = min(outcome.deferred_until or allowed, allowed)
+            else:
+                ready.append(action)
+        return ready
+
+    def checks_ready(self, changed, plan, done, results):
+        """Return the checks whose rule's actions all succeeded (now or earlier), once each."""
+        ready = {}
+        for notification in changed:
+            succeeded = done.get(notification.entry, set()) | {key for key, result in results.items() if result.ok}
+            if self.dry_run:
+                succeeded |= plan.needs.get(notification.entry, set())
+            for check in plan.checks.get(notification.entry, ()):
+                if check.actions <= succeeded:
+                    ready.setdefault(check, None)
+        return list(ready)
+
+    def verify(self, checks, ready, results, outcome):
+        """Verify `checks`, escalating where needed; return {check key: Verdict}."""
+        if not checks:
+            return {}
+        from certrelay import verify  # sockets and TLS: only batches with endpoints pay for it
+
+        done_verbs = {action.target: action.verb for action in ready
+                      if action.verb in rules_module.UNIT_VERBS and results[action.key].ok}
+        verdicts, restarted = verify.verify_and_escalate(checks, self.config_dir, self.rules.settings, done_verbs)
+        now = time.time()
+        for unit, result in restarted.items():
+            self.unit_times.data[unit] = now
+            self.recorder.action(plan_module.Action("restart", unit, ()), result, now)
+        for verdict in verdicts:
+            self.recorder.verdict(verdict, now)
+        outcome.verified = sum(verdict.ok for verdict in verdicts)
+        outcome.unverified = len(verdicts) - outcome.verified
+        return {verdict.check.key: verdict for verdict in verdicts}
+
+    def settle_notifications(self, changed, plan, done, results, verdicts, outcome):
+        """Delete each notification whose every action and check succeeded (now or in
+        an earlier run); keep the others with what they still need."""
+        self.progress.data = {}
+        for notification in changed:
+            if notification in plan.unmatched:
+                continue
+            entry = notification.entry
+            needed = plan.needs[entry]
+            succeeded = set(done.get(entry, ()))
+            succeeded |= {key for key in needed if key in results and results[key].ok}
+            for check in plan.checks.get(entry, ()):
+                if check.key in verdicts and verdicts[check.key].ok:
+                    succeeded.add(check.key)
+                elif check.key in verdicts:
+                    succeeded -= check.actions  # the retry reruns the rule's actions, then verifies
+            if needed <= succeeded:
+                self.ledger.data[notification.name] = self.fingerprints[entry]
+                self.recorder.acted(notification.name, time.time())
+                self.spool.done(notification)
+                outcome.done += 1
+                continue
+            self.progress.data[entry] = sorted(succeeded)
+            failed = [key for key in needed - succeeded if key in results or key in verdicts]
+            self.recorder.kept(entry, notification.name, failed, results, verdicts)
+            if failed:
+                outcome.kept += 1
+                logger.warning("kept the notification for %s in %s; a later run retries what failed",
+                               notification.name, self.spool.claimed)
+            else:
+                outcome.deferred += 1
+
+    def expiry_alarms(self):
+        """Check every selected live certificate against the expiry thresholds; log an
+        error for each below the warning at most once a day per lineage; return the
+        names alarmed now."""
+        return status.expiry_alarms(self.config_dir, self.rules, self.recorder)

@@ -9,12 +9,16 @@ dir, like openat2's RESOLVE_BENEATH, which Python does not offer.
 
 import hashlib
 import os
+import re
 import stat
 
 from certrelay import files
 
 MAX_CERTIFICATE = 64 * 1024
 MAX_LINKS = 16
+ARCHIVE_LIMIT = 20  # older certificates a lineage had, for telling "old" from "other"
+ARCHIVE_CERTIFICATE = re.compile(r"cert([0-9]{1,9})\.pem")
+PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----")
 
 
 class CertificateError(Exception):
@@ -27,7 +31,7 @@ def fingerprint(config_dir, name):
     Raise CertificateError if it is missing, not a regular file, larger than
     MAX_CERTIFICATE, or reached only through a link leading out of `config_dir`.
     """
-    return hashlib.sha256(read_beneath(config_dir, f"live/{name}/cert.pem", MAX_CERTIFICATE)).hexdigest()
+    return hashlib.sha256(live_certificate(config_dir, name)).hexdigest()
 
 
 def read_beneath(root, relative, limit):
@@ -74,3 +78,53 @@ def read_beneath(root, relative, limit):
     finally:
         for descriptor in directories:
             os.close(descriptor)
+
+
+def live_certificate(config_dir, name):
+    """Return the bytes of live/NAME/cert.pem under `config_dir` (see `fingerprint`)."""
+    return read_beneath(config_dir, f"live/{name}/cert.pem", MAX_CERTIFICATE)
+
+
+def der_fingerprint(pem):
+    """Return the SHA-256 hex digest of the DER of the first certificate in the PEM
+    bytes `pem`, as a TLS client sees it; raise CertificateError if there is none."""
+    import ssl  # only verification needs it
+
+    match = PEM_BLOCK.search(pem)
+    if match is None:
+        raise CertificateError("no PEM certificate found")
+    try:
+        der = ssl.PEM_cert_to_DER_cert(match.group(0).decode("ascii"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CertificateError(f"not a PEM certificate: {error}") from None
+    return hashlib.sha256(der).hexdigest()
+
+
+def archive_fingerprints(config_dir, name, limit=ARCHIVE_LIMIT):
+    """Return the DER fingerprints of the certificates the lineage `name` had, from
+    archive/NAME/certN.pem (the newest `limit`); unreadable ones are skipped.
+
+    archive/ and archive/NAME must be plain directories: certbot makes them so.
+    """
+    try:
+        directory = os.open(config_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return set()
+    try:
+        for part in ("archive", name):
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+            os.close(directory)
+            directory = inner
+        names = [entry for entry in os.listdir(directory) if ARCHIVE_CERTIFICATE.fullmatch(entry)]
+    except OSError:
+        return set()
+    finally:
+        os.close(directory)
+    names.sort(key=lambda entry: int(ARCHIVE_CERTIFICATE.fullmatch(entry).group(1)), reverse=True)
+    found = set()
+    for entry in names[:limit]:
+        try:
+            found.add(der_fingerprint(read_beneath(config_dir, f"archive/{name}/{entry}", MAX_CERTIFICATE)))
+        except CertificateError:
+            continue
+    return found

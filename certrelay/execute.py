@@ -66,15 +66,21 @@ def systemctl(verb, unit, timeout):
     return run_command([program, verb, unit], timeout)
 
 
-def perform(action, timeout):
+def perform(action, timeout, config_dir):
     """Carry out one planned action; return its `Result`."""
-    if action.verb == "run":
+    if action.verb in ("run", "precheck"):
         return run_command(action.target, timeout)
+    if action.verb == "install":
+        from certrelay import install  # only batches with installs pay for it
+
+        specification, name, values = action.payload
+        return install.deliver(specification, config_dir, name, values)
     return systemctl(action.verb, action.target, timeout)
 
 
-def apply(actions, timeout, dry_run=False):
-    """Carry out `actions` in order, logging one line per action and outcome.
+def apply(actions, timeout, config_dir, dry_run=False):
+    """Carry out `actions` in order, logging one line per action and outcome. An
+    action whose required actions failed is not done, and counts as failed.
 
     Return {action key: Result}. With `dry_run`, log what would be done and run nothing.
     """
@@ -83,9 +89,13 @@ def apply(actions, timeout, dry_run=False):
         if dry_run:
             logger.info("would %s", action.describe())
             continue
-        result = perform(action, timeout)
+        failed = sorted(key for key in action.requires if key in results and not results[key].ok)
+        if failed:
+            result = Result(False, "not done, because this failed first: " + ", ".join(failed))
+        else:
+            result = perform(action, timeout, config_dir)
         if result.ok:
-            logger.info("done: %s", action.describe())
+            logger.info("done: %s%s", action.describe(), f": {result.detail}" if result.detail else "")
         else:
             logger.error("failed: %s: %s", action.describe(), result.detail)
         results[action.key] = result

@@ -12,12 +12,16 @@ import stat
 import string
 import tomllib
 
+from certrelay import certinfo, install as install_module, probe
+
 #: Unit actions, weakest first: per unit the strongest requested one wins.
 UNIT_VERBS = ("reload", "reload-or-restart", "restart")
 PLACEHOLDERS = ("name", "lineage", "domains")
-RULE_KEYS = {"match", "domains", *UNIT_VERBS, "run"}
+ACTION_KEYS = (*UNIT_VERBS, "run", "install", "verify")
+RULE_KEYS = {"match", "domains", *ACTION_KEYS, "escalate", "precheck"}
 
-#: `[settings]` keys: name -> (default, minimum, maximum), all in seconds.
+#: `[settings]` durations: name -> (default, minimum, maximum), in seconds; a number
+#: of seconds or a systemd-style text ("90s", "15min", "1h", "20d").
 SETTINGS = {
     "timeout": (120.0, 1.0, 3600.0),  # per systemctl call or run command
     "settle": (5.0, 0.0, 600.0),  # watch: wait this long for more notifications
@@ -25,7 +29,11 @@ SETTINGS = {
     "retry-min": (30.0, 0.1, 86400.0),  # watch: first retry of a failed action
     "retry-max": (3600.0, 0.1, 86400.0),  # watch: retry delay doubles up to this
     "min-interval": (60.0, 0.0, 86400.0),  # per unit: least time between actions
+    "verify-timeout": (30.0, 1.0, 3600.0),  # keep probing endpoints this long after acting
+    "reconcile-interval": (900.0, 10.0, 7 * 86400.0),  # watch: look for unannounced renewals
 }
+#: `[settings]` expiry thresholds: a fraction of the lifetime, or a duration text.
+THRESHOLDS = {"expiry-warning": 0.2, "expiry-critical": 0.1}
 
 UNIT_TYPES = (
     "service", "socket", "target", "device", "mount", "automount", "swap",
@@ -54,6 +62,10 @@ class Rule:
     domains: tuple = ()
     units: tuple = ()  # ((verb, unit), ...)
     run: tuple = ()  # (argv tuple, ...) with placeholders not yet filled in
+    precheck: tuple = ()  # (argv tuple, ...): must succeed before the units get an action
+    install: tuple = ()  # (install.Install, ...): done before commands and units
+    verify: tuple = ()  # (probe.Endpoint, ...): must serve the live certificate afterwards
+    escalate: bool = True  # restart reloaded units whose endpoint still serves the old one
 
     def selects(self, name, domains):
         """Return True if this rule applies to the certificate `name` covering `domains`."""
@@ -139,7 +151,7 @@ def load(path, check_permissions=None, config_dir=None):
             data = file.read()
     except OSError as error:
         raise RulesError([f"{path}: cannot read the rules file: {error.strerror}"]) from None
-    return parse(data, path)
+    return parse(data, path, config_dir)
 
 
 def is_inside(path, directory):
@@ -171,10 +183,11 @@ def permission_problems(path, file_stat):
     return problems
 
 
-def parse(data, path="rules.toml"):
+def parse(data, path="rules.toml", config_dir=None):
     """Validate the TOML bytes `data` read from `path`; return `Rules`.
 
-    Raise RulesError with every problem, each as `PATH:LINE: message`.
+    `config_dir` is the certbot config dir, which no install destination may be
+    inside. Raise RulesError with every problem, each as `PATH:LINE: message`.
     """
     try:
         text = data.decode("utf-8")
@@ -205,38 +218,64 @@ def parse(data, path="rules.toml"):
         rule_tables = []
     elif not rule_tables:
         problem(1, "no [[rule]] tables: nothing would ever be done; add at least one rule")
-    rules = [parse_rule(table, index, locator, problem) for index, table in enumerate(rule_tables)]
+    rules = [parse_rule(table, index, locator, problem, config_dir) for index, table in enumerate(rule_tables)]
+    duplicate_destinations(rules, problem)
     if problems:
         raise RulesError(problems)
     return Rules(path=path, rules=tuple(rules), settings=settings)
 
 
 def parse_settings(table, locator, problem):
-    """Return the settings with defaults filled in; report bad values through `problem`."""
+    """Return the settings with defaults filled in; report bad values through `problem`.
+
+    Durations become seconds (float), thresholds `certinfo.Threshold`s, `metrics` a
+    path or None.
+    """
     settings = {key: default for key, (default, _, _) in SETTINGS.items()}
+    settings.update({key: certinfo.parse_threshold(value) for key, value in THRESHOLDS.items()})
+    settings["metrics"] = None
     if not isinstance(table, dict):
         problem(locator.top_level("settings"), "'settings' must be a table: [settings]")
         return settings
+    known = ", ".join([*SETTINGS, *THRESHOLDS, "metrics"])
     for key, value in table.items():
         line = locator.setting(key)
-        if key not in SETTINGS:
-            problem(line, f"unknown setting {key!r}; known: {', '.join(SETTINGS)}")
-            continue
-        _, low, high = SETTINGS[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problem(line, f"setting {key!r} must be a number of seconds")
-        elif not low <= value <= high:
-            problem(line, f"setting {key!r} must be between {low:g} and {high:g} seconds")
+        if key in SETTINGS:
+            _, low, high = SETTINGS[key]
+            try:
+                seconds = certinfo.parse_duration(value)
+            except ValueError as error:
+                problem(line, f"setting {key!r}: {error}")
+                continue
+            if not low <= seconds <= high:
+                problem(line, f"setting {key!r} must be between {low:g} and {high:g} seconds")
+            else:
+                settings[key] = seconds
+        elif key in THRESHOLDS:
+            try:
+                settings[key] = certinfo.parse_threshold(value)
+            except ValueError as error:
+                problem(line, f"setting {key!r}: {error}")
+        elif key == "metrics":
+            if not isinstance(value, str) or not os.path.isabs(value) or value.endswith("/"):
+                problem(line, "setting 'metrics' must be the absolute path of a file, e.g."
+                        ' metrics = "/var/lib/prometheus/node-exporter/certrelay.prom"')
+            else:
+                settings[key] = value
         else:
-            settings[key] = float(value)
+            problem(line, f"unknown setting {key!r}; known: {known}")
     if settings["max-wait"] < settings["settle"]:
         problem(locator.setting("max-wait"), "setting 'max-wait' must not be less than 'settle'")
     if settings["retry-max"] < settings["retry-min"]:
         problem(locator.setting("retry-max"), "setting 'retry-max' must not be less than 'retry-min'")
+    warning, critical = settings["expiry-warning"], settings["expiry-critical"]
+    if (warning.fraction is None) == (critical.fraction is None) and warning.seconds(1.0) < critical.seconds(1.0):
+        problem(locator.setting("expiry-critical"),
+                "setting 'expiry-critical' must not be more than 'expiry-warning'")
     return settings
 
 
-def parse_rule(table, index, locator, problem):
+def parse_rule(table, index, locator, problem, config_dir=None):
     """Return the `Rule` for the `index`th `[[rule]]` table; report problems through `problem`."""
     start = locator.rule(index)
 
@@ -263,33 +302,80 @@ def parse_rule(table, index, locator, problem):
                 problem(line(verb), reason)
             else:
                 units.append((verb, normalize_unit(unit)))
-    run = parse_run(table.get("run", []), line("run"), problem)
+    run = parse_commands("run", table.get("run", []), line("run"), problem)
+    precheck = parse_commands("precheck", table.get("precheck", []), line("precheck"), problem)
+    if precheck and not units:
+        problem(line("precheck"), "'precheck' guards unit actions, but this rule has none; drop it or add one")
+    verify = []
+    for text in strings("verify"):
+        try:
+            verify.append(probe.parse_endpoint(text))
+        except probe.EndpointError as error:
+            problem(line("verify"), f"verify endpoint {text[:200]!r}: {error}")
+    escalate = table.get("escalate", True)
+    if not isinstance(escalate, bool):
+        problem(line("escalate"), "'escalate' must be true or false")
+        escalate = True
+    installs = parse_installs(table.get("install", []), index, locator, problem, config_dir)
     if not table.get("match") and not table.get("domains"):
         problem(start, "rule selects nothing: add match = [...] (lineage names) or domains = [...]")
-    if not any(table.get(key) for key in (*UNIT_VERBS, "run")):
-        problem(start, "rule has no action: add restart, reload, reload-or-restart or run")
-    return Rule(line=start, match=match, domains=domains, units=tuple(units), run=run)
+    if not any(table.get(key) for key in ACTION_KEYS):
+        problem(start, "rule has no action: add restart, reload, reload-or-restart, run, install or verify")
+    return Rule(
+        line=start, match=match, domains=domains, units=tuple(units), run=run, precheck=precheck,
+        install=installs, verify=tuple(verify), escalate=escalate,
+    )
 
 
-def parse_run(value, line, problem):
-    """Return `run` as a tuple of argv tuples; report problems through `problem`."""
-    example = 'run = [["/usr/local/bin/deploy-cert", "{name}"]]'
+def parse_installs(tables, index, locator, problem, config_dir):
+    """Return the rule's `[[rule.install]]` tables as `install.Install`s; report problems."""
+    if not isinstance(tables, list):
+        problem(locator.rule_key(index, "install"), "'install' must be written as [[rule.install]] tables")
+        return ()
+    installs = []
+    for number, table in enumerate(tables):
+        header = locator.install(index, number)
+        parsed = install_module.parse_install(
+            table, header, lambda key, number=number: locator.install_key(index, number, key), problem,
+            config_dir,
+        )
+        if parsed is not None:
+            installs.append(parsed)
+    return tuple(installs)
+
+
+def duplicate_destinations(rules, problem):
+    """Report every install destination that more than one install writes."""
+    first = {}
+    for rule in rules:
+        for install in rule.install:
+            if install.dest in first:
+                problem(install.line, f"install dest {install.dest!r} is also written by the install on line"
+                        f" {first[install.dest]}; give each its own file")
+            else:
+                first[install.dest] = install.line
+
+
+def parse_commands(key, value, line, problem):
+    """Return `run` or `precheck` (`key`) as a tuple of argv tuples; report problems
+    through `problem`."""
+    example = f'{key} = [["/usr/local/bin/deploy-cert", "{{name}}"]]'
     if not isinstance(value, list) or not all(isinstance(argv, list) for argv in value):
-        problem(line, f"'run' must be a list of commands, each a list of strings: {example}")
+        problem(line, f"'{key}' must be a list of commands, each a list of strings: {example}")
         return ()
     commands = []
     for argv in value:
         if not argv or not all(isinstance(item, str) for item in argv):
-            problem(line, f"each 'run' command must be a non-empty list of strings: {example}")
+            problem(line, f"each '{key}' command must be a non-empty list of strings: {example}")
             continue
         if not os.path.isabs(argv[0]):
-            problem(line, f"run command {argv[0]!r} must be an absolute path (no PATH lookup, no shell)")
+            problem(line, f"{key} command {argv[0]!r} must be an absolute path (no PATH lookup, no shell)")
         for item in argv:
             reason = placeholder_problem(item)
             if reason:
                 problem(
                     line,
-                    f"run argument {item!r} has {reason};"
+                    f"{key} argument {item!r} has {reason};"
                     " use {name}, {lineage} or {domains}, and {{ }} for literal braces",
                 )
         commands.append(tuple(argv))
@@ -321,7 +407,7 @@ class Locator:
     """
 
     TABLE = re.compile(r"\s*\[\s*([A-Za-z0-9_-]+)\s*\]\s*(#.*)?$")
-    ARRAY_TABLE = re.compile(r"\s*\[\[\s*([A-Za-z0-9_-]+)\s*\]\]\s*(#.*)?$")
+    ARRAY_TABLE = re.compile(r"\s*\[\[\s*([A-Za-z0-9_-]+(?:\s*\.\s*[A-Za-z0-9_-]+)?)\s*\]\]\s*(#.*)?$")
     KEY = re.compile(r"\s*\"?([A-Za-z0-9_-]+)\"?\s*=")
 
     def __init__(self, text):
@@ -340,6 +426,7 @@ class Locator:
                 current[2].setdefault(name, number)
             else:
                 self.sections.append(current)
+                name = re.sub(r"\s", "", name)
                 current = (number, name if kind == "table" else "[[" + name + "]]", {})
         self.sections.append(current)
 
@@ -360,6 +447,24 @@ class Locator:
     def _rule_section(self, index):
         rules = [section for section in self.sections if section[1] == "[[rule]]"]
         return rules[index] if index < len(rules) else (1, None, {})
+
+    def _install_section(self, index, number):
+        """The `number`th [[rule.install]] after the `index`th [[rule]] and before the next."""
+        rule_start = self.rule(index)
+        installs = []
+        for start, section, keys in self.sections:
+            if start > rule_start and section == "[[rule]]":
+                break
+            if start > rule_start and section == "[[rule.install]]":
+                installs.append((start, section, keys))
+        return installs[number] if number < len(installs) else (rule_start, None, {})
+
+    def install(self, index, number):
+        return self._install_section(index, number)[0]
+
+    def install_key(self, index, number, key):
+        start, _, keys = self._install_section(index, number)
+        return keys.get(key, start)
 
     def rule(self, index):
         return self._rule_section(index)[0]

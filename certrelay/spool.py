@@ -216,14 +216,23 @@ class Spool:
 
     def pending_names(self):
         """Return the visible names waiting in the queue (for status and wake-ups)."""
-        with self.opened():
-            names = (os.fsdecode(name) for name in list_names(self.descriptors[self.queue]))
-            return sorted(name for name in names if not name.startswith("."))
+        names = (os.fsdecode(name) for name in self._names(self.queue))
+        return sorted(name for name in names if not name.startswith("."))
+
+    def claimed_entries(self):
+        """Return the entries in claimed/ (kept failures, or a crashed run's)."""
+        return sorted(os.fsdecode(name) for name in self._names(self.claimed))
 
     def claimed_count(self):
-        """Return how many entries sit in claimed/ (kept failures, or a crashed run's)."""
+        return len(self.claimed_entries())
+
+    def _names(self, path):
+        """Return the raw names in the spool directory `path`, opening the spool for
+        it unless it is open already."""
+        if self.descriptors is not None:
+            return list_names(self.descriptors[path])
         with self.opened():
-            return len(list_names(self.descriptors[self.claimed]))
+            return list_names(self.descriptors[path])
 
     def claim(self):
         """Move every queue entry into claimed/, and read everything claimed.

@@ -4,11 +4,15 @@ import os
 
 import pytest
 
-from certrelay import rules
+from certrelay import certinfo, rules
 from tests.writeup import WRITE_UP_RULES
 
 EXAMPLE = WRITE_UP_RULES
-DEFAULT_SETTINGS = {key: default for key, (default, _, _) in rules.SETTINGS.items()}
+DEFAULT_SETTINGS = {
+    **{key: default for key, (default, _, _) in rules.SETTINGS.items()},
+    "expiry-warning": certinfo.Threshold(fraction=0.2), "expiry-critical": certinfo.Threshold(fraction=0.1),
+    "metrics": None,
+}
 
 
 def problems_of(text, path="rules.toml"):
@@ -100,13 +104,22 @@ def test_valid_unit_name_is_accepted_and_normalized(unit, normalized):
         ("settle = 600\nmax-wait = 600", {"settle": 600.0, "max-wait": 600.0}),
         ("retry-min = 5\nretry-max = 5", {"retry-min": 5.0, "retry-max": 5.0}),
         ("min-interval = 86400", {"min-interval": 86400.0}),
+        ('min-interval = "1d"', {"min-interval": 86400.0}),
+        ('timeout = "1h"\nsettle = "30s"', {"timeout": 3600.0, "settle": 30.0}),
+        ('reconcile-interval = "15min"\nverify-timeout = "1min 30s"', {"reconcile-interval": 900.0, "verify-timeout": 90.0}),
+        ('expiry-warning = "20d"\nexpiry-critical = 0.05', {
+            "expiry-warning": certinfo.Threshold(duration=20 * 86400.0),
+            "expiry-critical": certinfo.Threshold(fraction=0.05),
+        }),
+        ('metrics = "/var/lib/prometheus/node-exporter/certrelay.prom"',
+         {"metrics": "/var/lib/prometheus/node-exporter/certrelay.prom"}),
     ],
 )
 def test_settings_in_range_replace_the_defaults_as_float_seconds(settings, expected):
     parsed = rules.parse((EXAMPLE + "\n[settings]\n" + settings + "\n").encode())
 
     assert parsed.settings == {**DEFAULT_SETTINGS, **expected}
-    assert all(type(value) is float for value in parsed.settings.values())
+    assert all(type(parsed.settings[key]) is float for key in rules.SETTINGS)
 
 
 # --- parse: one problem, reported at its line ------------------------------------------
@@ -309,17 +322,22 @@ def test_run_argument_with_literal_braces_or_known_placeholders_is_accepted(argu
     [
         ("bogus = 1", "unknown setting 'bogus'"),
         ("max_wait = 10", "unknown setting 'max_wait'"),
-        ('timeout = "10"', "must be a number of seconds"),
-        ("timeout = true", "must be a number of seconds"),
-        ("settle = false", "must be a number of seconds"),
-        ("timeout = [10]", "must be a number of seconds"),
+        ('timeout = "10x"', "setting 'timeout': duration '10x': unknown unit 'x'"),
+        ('timeout = "soon"', "cannot read 'soon'"),
+        ("timeout = true", "expected a number of seconds or a text like '20d'"),
+        ("settle = false", "expected a number of seconds or a text like '20d'"),
+        ("timeout = [10]", "expected a number of seconds or a text like '20d'"),
         ("timeout = 0", "between 1 and 3600"),
         ("timeout = 3601", "between 1 and 3600"),
-        ("settle = -1", "between 0 and 600"),
+        ('timeout = "2h"', "between 1 and 3600"),
+        ("settle = -1", "must be a non-negative number of seconds"),
         ("retry-min = 0", f"between {rules.SETTINGS['retry-min'][1]:g} and 86400"),
         ("min-interval = 86401", "between 0 and 86400"),
-        ("timeout = nan", "between 1 and 3600"),
-        ("timeout = inf", "between 1 and 3600"),
+        ("timeout = nan", "must be a non-negative number of seconds"),
+        ("timeout = inf", "must be a non-negative number of seconds"),
+        ("expiry-warning = 1.5", "a number is a fraction of the lifetime"),
+        ('expiry-critical = "1 fortnight"', "setting 'expiry-critical'"),
+        ('metrics = "relative.prom"', "must be the absolute path of a file"),
     ],
 )
 def test_bad_setting_is_reported_at_its_line(setting, fragment):
@@ -376,7 +394,7 @@ run = [["deploy", "{nope}"]]
 def test_every_problem_of_a_file_is_reported_at_once_in_a_stable_order():
     expected = [
         (1, "unknown table or key 'color'"),
-        (3, "setting 'settle' must be a number"),
+        (3, "setting 'settle': duration True"),
         (4, "unknown setting 'bogus'"),
         (9, "unknown key 'frobnicate'"),
         (7, "'match' must be a list"),

@@ -1,0 +1,77 @@
+"""Reconcile: find lineages that renewed without a notification.
+
+A notification can be lost before certrelay sees it (the hook missing from a new
+container volume, a power cut, `certbot renew` run by hand on the host). So every
+batch compares each lineage under live/ that some rule selects with the ledger (the
+certificate certrelay last acted on). One that changed is acted on as if notified.
+One seen for the first time is recorded, not acted on: installing certrelay restarts
+nothing, unless a `verify` endpoint of its rules shows it is not current.
+"""
+
+import logging
+
+from certrelay import lineages, spool
+
+logger = logging.getLogger(__name__)
+
+ENTRY_SUFFIX = "@reconcile"  # the entry of a notification reconcile made (no file in claimed/)
+FIRST_SIGHT_TIMEOUT = 5.0  # seconds to probe the endpoints of a lineage seen for the first time
+
+
+def find(config_dir, rules, ledger, announced, progress, dry_run, state_dir=None):
+    """Return [(Notification, fingerprint)] for the lineages selected by `rules` whose
+    live certificate differs from `ledger.data` (name -> fingerprint) and that no
+    notification in `announced` (names) covers, plus those kept from an earlier
+    reconcile (entries in `progress`). Record first-seen lineages in the ledger
+    (unless `dry_run`).
+    """
+    scanner = lineages.Scanner(config_dir, state_dir or ledger.path.rpartition("/")[0])
+    found, first_seen = [], []
+    for lineage in scanner.scan():
+        name = lineage.name
+        if name in announced or lineage.error or not rules.matching(name, lineage.domains):
+            continue
+        entry = name + ENTRY_SUFFIX
+        recorded = ledger.data.get(name)
+        if recorded == lineage.fingerprint and entry not in progress:
+            continue
+        if recorded is None and entry not in progress:
+            first_seen.append(lineage)
+            continue
+        logger.warning(
+            "%s: its live certificate changed but no notification came (is the deploy hook installed"
+            " where certbot runs?); acting as if notified", name,
+        )
+        found.append((notification(lineage, config_dir), lineage.fingerprint))
+    for lineage in first_seen:
+        if serves_something_else(lineage, rules, config_dir):
+            logger.warning("%s: seen for the first time, and an endpoint does not serve its live certificate;"
+                           " acting on it", lineage.name)
+            found.append((notification(lineage, config_dir), lineage.fingerprint))
+        elif not dry_run:
+            logger.info("%s: seen for the first time; recorded, nothing done", lineage.name)
+            ledger.data[lineage.name] = lineage.fingerprint
+    if not dry_run:
+        scanner.save()
+    return found
+
+
+def notification(lineage, config_dir):
+    """Return a Notification standing in for the one that never came."""
+    return spool.Notification(
+        entry=lineage.name + ENTRY_SUFFIX, name=lineage.name,
+        lineage=f"{config_dir}/live/{lineage.name}", domains=tuple(lineage.domains), time="",
+    )
+
+
+def serves_something_else(lineage, rules, config_dir):
+    """Return True if a `verify` endpoint of the rules selecting `lineage` does not
+    serve its live certificate (probed briefly, quietly)."""
+    from certrelay import plan, verify
+
+    checks = plan.make_plan([notification(lineage, config_dir)], rules, config_dir).checks.get(
+        lineage.name + ENTRY_SUFFIX, []
+    )
+    if not checks:
+        return False
+    return not all(verdict.ok for verdict in verify.verify(checks, config_dir, FIRST_SIGHT_TIMEOUT, quiet=True))

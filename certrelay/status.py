@@ -1,0 +1,214 @@
+"""What certrelay did and what stands: the record of runs, expiry alarms, snapshots.
+
+`Recorder` keeps STATE_DIR/status.json: the last run, each unit's last action and
+its outcome, action counters (for metrics), each endpoint's last verification, the
+failures of kept notifications, when each lineage was last acted on, and when each
+expiry alarm was last raised. `snapshot()` joins it with the live certificates, the
+spool and the rules into the dict that report.py renders and metrics.py exports.
+"""
+
+import logging
+import os
+import time
+
+from certrelay import lineages, spool as spool_module, state
+
+logger = logging.getLogger(__name__)
+
+ALARM_EVERY = 86400  # seconds: an expiry alarm is raised at most once a day per lineage
+
+
+class Recorder:
+    """Records a batch's events into STATE_DIR/status.json; `finished` saves it."""
+
+    def __init__(self, state_dir):
+        self.state_dir = state_dir
+        self.store = state.Store(state_dir, "status.json")
+        for key in ("units", "actions_total", "endpoints", "kept", "acted", "alarms"):
+            if not isinstance(self.store.data.get(key), dict):
+                self.store.data[key] = {}
+
+    @property
+    def data(self):
+        return self.store.data
+
+    def action(self, action, result, now):
+        """Record the `result` of a plan.Action done at `now`."""
+        target = " ".join(action.target) if isinstance(action.target, tuple) else action.target
+        outcome = "success" if result.ok else "failure"
+        if action.verb not in ("run", "precheck", "install"):
+            self.data["units"][target] = {"verb": action.verb, "result": outcome, "time": now,
+                                          "error": None if result.ok else result.detail}
+        counter = "\t".join((target, action.verb, outcome))
+        self.data["actions_total"][counter] = self.data["actions_total"].get(counter, 0) + 1
+
+    def verdict(self, verdict, now):
+        """Record a verify.Verdict checked at `now`."""
+        from certrelay import certinfo
+
+        served_serial = served_not_after = None
+        if verdict.served.der:
+            try:
+                info = certinfo.from_der(verdict.served.der)
+                served_serial, served_not_after = info.serial, info.not_after
+            except certinfo.CertificateParseError:
+                pass
+        self.data["endpoints"].setdefault(verdict.check.name, {})[verdict.check.key] = {
+            "endpoint": verdict.check.endpoint.url, "outcome": verdict.outcome,
+            "served_sha256": verdict.served.sha256, "served_serial": served_serial,
+            "served_not_after": served_not_after, "error": verdict.served.error, "checked": now,
+        }
+
+    def acted(self, name, now):
+        """Record that every action for lineage `name` succeeded at `now`."""
+        self.data["acted"][name] = {"time": now}
+
+    def kept(self, entry, name, failed, results, verdicts):
+        """Record why the notification `entry` of `name` is kept: its `failed` keys."""
+        previous = self.data["kept"].get(entry, {}).get("attempts", 0)
+        reasons = []
+        for key in failed:
+            if key in results:
+                reasons.append({"action": key.partition(":")[2], "error": results[key].detail})
+            elif key in verdicts:
+                reasons.append({"action": "verify " + verdicts[key].check.endpoint.url,
+                                "error": verdicts[key].describe()})
+        if reasons:
+            self.data["kept"][entry] = {"name": name, "failed": reasons, "attempts": previous + 1}
+
+    def finished(self, now, spool):
+        """Note the end of a batch at `now`, forget kept entries no longer in `spool`'s
+        claimed/ (reconcile's are kept while progress names them), and save."""
+        self.data["last_run"] = now
+        try:
+            claimed = set(spool.claimed_entries())
+        except OSError:
+            claimed = set()
+        progress = state.Store(self.state_dir, "progress.json").data
+        self.data["kept"] = {entry: value for entry, value in self.data["kept"].items()
+                             if entry in claimed or entry in progress}
+        self.store.save()
+
+
+def expiry_alarms(config_dir, rules, recorder, quiet=False):
+    """Log an error for every live certificate selected by `rules` that is below the
+    expiry warning, at most once a day per lineage (never when `quiet`).
+
+    Return the names alarmed now: `run` exits 1 for them, so cron mails once a day.
+    """
+    from certrelay import certinfo
+
+    now, alarmed = time.time(), []
+    settings = rules.settings
+    scanner = lineages.Scanner(config_dir, recorder.state_dir)
+    for lineage in scanner.scan():
+        if lineage.info is None or not rules.matching(lineage.name, lineage.domains):
+            continue
+        level = certinfo.level(lineage.info, now, settings["expiry-warning"], settings["expiry-critical"])
+        if level == "ok" or quiet or now - recorder.data["alarms"].get(lineage.name, 0) < ALARM_EVERY:
+            continue
+        recorder.data["alarms"][lineage.name] = now
+        alarmed.append(lineage.name)
+        days = lineage.info.days_left(now)
+        state_words = "has EXPIRED" if days < 0 else f"expires in {days:.1f} days"
+        logger.error(
+            "%s: the live certificate %s (%s, not after %s): renewal is probably failing where certbot runs;"
+            " look at its log (e.g. docker logs, /var/log/letsencrypt/letsencrypt.log) for the DNS or account"
+            " error, then run certbot renew", lineage.name, state_words, level,
+            time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(lineage.info.not_after)),
+        )
+    scanner.save()
+    return alarmed
+
+
+def snapshot(config_dir, rules, state_dir, error=None):
+    """Return the snapshot dict documented in report.py for `config_dir` under
+    `rules` (None with `error` when the rules cannot be read)."""
+    from certrelay import certinfo
+
+    now = time.time()
+    data = state.Store(state_dir, "status.json").data if os.path.isdir(state_dir) else {}
+    taken = {"time": now, "last_run": data.get("last_run"), "error": error, "certificates": [], "units": [],
+             "notifications": {"pending": 0, "kept": 0, "deferred": 0}, "actions_total": []}
+    for counter, count in sorted((data.get("actions_total") or {}).items()):
+        unit, verb, result = counter.split("\t")
+        taken["actions_total"].append({"unit": unit, "verb": verb, "result": result, "count": count})
+    for unit, last in sorted((data.get("units") or {}).items()):
+        taken["units"].append({"unit": unit, **last})
+    if rules is None:
+        return taken
+    pending, claimed = spool_names(config_dir)
+    progress = state.Store(state_dir, "progress.json").data if os.path.isdir(state_dir) else {}
+    kept = data.get("kept") or {}
+    ledger = state.Store(state_dir, "ledger.json").data if os.path.isdir(state_dir) else {}
+    scanner = lineages.Scanner(config_dir, state_dir)
+    for lineage in scanner.scan():
+        if not rules.matching(lineage.name, lineage.domains):
+            continue
+        entries = [entry for entry in claimed if entry.partition("@")[0] == lineage.name]
+        entries += [entry for entry in progress if entry == lineage.name + "@reconcile"]
+        failures = [reason for entry in entries for reason in kept.get(entry, {}).get("failed", [])]
+        attempts = max([kept.get(entry, {}).get("attempts", 0) for entry in entries] or [0])
+        if lineage.name in pending:
+            state_word = "pending"
+        elif entries and failures:
+            state_word = "kept"
+        elif entries:
+            state_word = "deferred"
+        elif lineage.error:
+            state_word = "unreadable"
+        elif ledger.get(lineage.name) == lineage.fingerprint:
+            state_word = "current"
+        else:
+            state_word = "unknown"
+        taken["certificates"].append(certificate_entry(
+            lineage, state_word, rules.settings, now, data, failures, attempts, certinfo,
+        ))
+    for entry in claimed:
+        key = "kept" if kept.get(entry) else "deferred"
+        taken["notifications"][key] += 1
+    taken["notifications"]["pending"] = len(pending)
+    return taken
+
+
+def certificate_entry(lineage, state_word, settings, now, data, failures, attempts, certinfo):
+    """Return the snapshot's dict for one lineage."""
+    info = lineage.info
+    entry = {
+        "name": lineage.name, "domains": list(lineage.domains), "sha256": None, "serial": None,
+        "not_before": None, "not_after": None, "days_left": None, "fraction_left": None, "level": None,
+        "warning_days": None, "critical_days": None, "state": state_word, "error": lineage.error,
+        "acted": (data.get("acted") or {}).get(lineage.name),
+        "kept": [{**failure, "attempts": attempts} for failure in failures],
+        "endpoints": list(((data.get("endpoints") or {}).get(lineage.name) or {}).values()),
+    }
+    if info is not None:
+        warning, critical = settings["expiry-warning"], settings["expiry-critical"]
+        entry.update(
+            sha256=info.sha256, serial=info.serial, not_before=info.not_before, not_after=info.not_after,
+            days_left=info.days_left(now), fraction_left=info.fraction_left(now),
+            level=certinfo.level(info, now, warning, critical),
+            warning_days=warning.seconds(info.lifetime) / 86400, critical_days=critical.seconds(info.lifetime) / 86400,
+        )
+        if entry["acted"]:
+            entry["acted"] = {**entry["acted"], "sha256": info.sha256 if state_word == "current" else None}
+    return entry
+
+
+def spool_names(config_dir):
+    """Return (pending names, claimed entries) of the spool, both as sets ({} if none)."""
+    spool = spool_module.Spool(config_dir)
+    try:
+        return set(spool.pending_names()), set(spool.claimed_entries())
+    except OSError:
+        return set(), set()
+
+
+def write_metrics(path, taken):
+    """Rewrite the Prometheus textfile `path` from the snapshot `taken`; log a failure."""
+    from certrelay import metrics
+
+    try:
+        metrics.write(path, metrics.render(taken))
+    except OSError as error:
+        logger.error("cannot write the metrics file %s: %s", path, error.strerror or error)
