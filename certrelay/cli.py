@@ -5,6 +5,7 @@ action, a quarantined entry), 2 usage or configuration error (nothing processed)
 """
 
 import functools
+import json
 import logging
 import os
 import shutil
@@ -13,11 +14,11 @@ import time
 
 import click
 
-from certrelay import __version__, batch, execute, state
+from certrelay import __version__, batch, execute, hook as hook_module, state
 from certrelay import plan as plan_module, rules as rules_module, spool as spool_module
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_CONFIG = 0, 1, 2
-HOOK_NAME = "certrelay-hook"
+HOOK_NAME = hook_module.HOOK_NAME
 logger = logging.getLogger("certrelay")
 
 
@@ -147,19 +148,23 @@ def check(config_dir, rules_path, state_dir, rules_only):
         logger.info("%s: ok, %d rule(s)", rules_path, len(rules.rules))
         return
     problems = []
-    hook = os.path.join(config_dir, "renewal-hooks", "deploy", HOOK_NAME)
+    hook = hook_module.installed_path(config_dir)
     if not os.path.isdir(config_dir):
         problems.append(f"{config_dir}: no such directory; pass certbot's config dir with --config-dir")
-    elif not os.access(hook, os.X_OK) or not os.path.isfile(hook):
+    elif (hook_status := hook_module.status(config_dir)) == hook_module.MISSING:
         problems.append(
-            f"{hook}: the deploy hook is not installed (or not executable);"
-            f" install it: make install-hook CONFIG_DIR={config_dir}"
+            f"{hook}: the deploy hook is not installed; install it: certrelay install-hook --config-dir {config_dir}"
         )
+    elif hook_status == hook_module.OUTDATED:
+        logger.warning("%s: outdated (not the hook shipped with this certrelay): run certrelay install-hook", hook)
+    else:
+        logger.info("%s: current", hook)
     spool = spool_module.Spool(config_dir)
     if not os.path.isdir(spool.queue):
         logger.info("%s does not exist yet: the hook creates it at the first renewal", spool.queue)
     if os.path.isdir("/run/systemd/system"):
         problems += unit_problems(rules)
+    problems += install_problems(rules, config_dir)
     try:
         logger.info(
             "%d rule(s); %d pending, %d kept for retry; quarantine: %s",
@@ -173,6 +178,24 @@ def check(config_dir, rules_path, state_dir, rules_only):
         logger.error("%d problem(s) found", len(problems))
         sys.exit(EXIT_CONFIG)
     logger.info("%s: ok", rules_path)
+
+
+def install_problems(rules, config_dir):
+    """Return a message for each install destination (of the lineages under live/
+    its rule selects, or its fixed part) that could not be written safely."""
+    from certrelay import install, lineages
+
+    problems = []
+    names = lineages.names(config_dir)
+    for rule in rules.rules:
+        for specification in rule.install:
+            selected = [name for name in names if rule.selects(name, ())] or ["NAME"]
+            paths = {specification.destination({"name": name, "lineage": os.path.join(config_dir, "live", name),
+                                                "domains": ""}) for name in selected}
+            for path in sorted(paths):
+                problems += [f"{rules.path}:{specification.line}: {problem}"
+                             for problem in install.destination_problems(specification, path)]
+    return problems
 
 
 def unit_problems(rules):
@@ -211,13 +234,17 @@ def explain(config_dir, rules_path, state_dir, name, domains):
     if not matching:
         click.echo("  no rule selects it: its notification would be dropped")
     notification = spool_module.Notification(entry=name, name=name, lineage="", domains=tuple(domains), time="")
-    for action in plan_module.make_plan([notification], rules, config_dir).actions:
+    explained = plan_module.make_plan([notification], rules, config_dir)
+    for action in explained.actions:
         click.echo(f"  would {action.describe()}")
+    for check in explained.checks.get(name, ()):
+        sni = f" (SNI {check.server_name})" if check.server_name else ""
+        click.echo(f"  would verify that {check.endpoint.url}{sni} serves the live certificate")
 
 
 @main.command()
 @common_options
-@click.option("--poll", type=click.FloatRange(min=0.1), default=None, envvar="CERTRELAY_POLL",
+@click.option("--poll", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS", envvar="CERTRELAY_POLL",
               help="Also rescan the queue every SECONDS (for NFS, where inotify sees no writes).")
 def watch(config_dir, rules_path, state_dir, poll):
     """Watch the queue and process notifications as they land (systemd Type=notify)."""
@@ -225,3 +252,108 @@ def watch(config_dir, rules_path, state_dir, poll):
 
     rules = load_rules(rules_path, config_dir)
     sys.exit(watch_module.Watcher(config_dir, rules_path, state_dir, rules, poll).run())
+
+
+@main.command("install-hook")
+@click.option(
+    "--config-dir", envvar="CERTRELAY_CONFIG_DIR", default="/etc/letsencrypt", show_default=True,
+    show_envvar=True, type=click.Path(file_okay=False), help="certbot's config dir (holds renewal-hooks/).",
+)
+@click.option("--force", is_flag=True,
+              help="Create a missing config dir; replace a file there that is not a certrelay hook.")
+def install_hook(config_dir, force):
+    """Copy the deploy hook into CONFIG_DIR/renewal-hooks/deploy/ (atomically, mode 0755).
+
+    certbot then runs it after every renewal. Run it again after an upgrade when
+    `certrelay check` says the hook is outdated.
+    """
+    setup_logging(False, False)
+    try:
+        path, outcome = hook_module.install(config_dir, force)
+    except (hook_module.HookError, OSError) as error:
+        logger.error("%s", error)
+        sys.exit(EXIT_CONFIG)
+    logger.info("%s: %s", path, "already current" if outcome == hook_module.CURRENT else outcome)
+
+
+def selected_lineages(config_dir, rules, state_dir, names):
+    """Return the `lineages.Lineage`s under live/ that `rules` select (only `names`
+    if given); exit 2 naming any of `names` that is not there."""
+    from certrelay import lineages
+
+    scanner = lineages.Scanner(config_dir, state_dir)  # not saved: verify and status change nothing
+    found = [lineage for lineage in scanner.scan() if rules.matching(lineage.name, lineage.domains)]
+    if names:
+        missing = sorted(set(names) - {lineage.name for lineage in found})
+        if missing:
+            logger.error("no lineage selected by the rules under %s/live: %s", config_dir, ", ".join(missing))
+            sys.exit(EXIT_CONFIG)
+        found = [lineage for lineage in found if lineage.name in names]
+    return found
+
+
+@main.command()
+@common_options
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--nagios", is_flag=True, help="Print as a Nagios/Icinga plugin; exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.")
+@click.argument("names", nargs=-1)
+def verify(config_dir, rules_path, state_dir, as_json, nagios, names):
+    """Check now, without acting, that every endpoint serves the live certificate.
+
+    Exit 0 when all are current, 1 when any is not, 2 on a configuration error.
+    """
+    from certrelay import report, status, verify as verify_module
+
+    if nagios:
+        try:
+            rules = rules_module.load(rules_path, config_dir=config_dir)
+        except rules_module.RulesError as error:
+            code, text = report.nagios(status.snapshot(config_dir, None, state_dir, error="; ".join(error.problems)))
+            click.echo(text)
+            sys.exit(code)
+    else:
+        rules = load_rules(rules_path, config_dir)
+    found = selected_lineages(config_dir, rules, state_dir, names)
+    notifications = [spool_module.Notification(entry=lineage.name, name=lineage.name, lineage="",
+                                               domains=tuple(lineage.domains), time="") for lineage in found]
+    checks = [check for checks in plan_module.make_plan(notifications, rules, config_dir).checks.values()
+              for check in checks]
+    verdicts = verify_module.verify(checks, config_dir, verify_module.ATTEMPT_TIMEOUT, quiet=as_json or nagios, once=True)
+    if nagios:
+        taken = status.snapshot(config_dir, rules, state_dir)
+        current = {(verdict.check.name, verdict.check.endpoint.url): verdict for verdict in verdicts}
+        for certificate in taken["certificates"]:
+            certificate["endpoints"] = [
+                {"endpoint": url, "outcome": verdict.outcome, "served_sha256": verdict.served.sha256,
+                 "served_serial": None, "served_not_after": None, "error": verdict.served.error,
+                 "checked": taken["time"]}
+                for (name, url), verdict in current.items() if name == certificate["name"]
+            ]
+        code, text = report.nagios(taken)
+        click.echo(text)
+        sys.exit(code)
+    if as_json:
+        click.echo(json.dumps([
+            {"name": verdict.check.name, "endpoint": verdict.check.endpoint.url, "sni": verdict.check.server_name,
+             "outcome": verdict.outcome, "expected_sha256": verdict.expected, "served_sha256": verdict.served.sha256,
+             "error": verdict.served.error} for verdict in verdicts
+        ], indent=1))
+    if not checks:
+        logger.info("no endpoint to verify: add verify = [...] to the rules")
+    sys.exit(EXIT_OK if all(verdict.ok for verdict in verdicts) else EXIT_INCOMPLETE)
+
+
+@main.command()
+@common_options
+@click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
+def status(config_dir, rules_path, state_dir, as_json):
+    """Show each certificate, what certrelay did about it, and what is pending or failed.
+
+    Exit 0 when all is well, 1 when anything needs attention, 2 on a configuration error.
+    """
+    from certrelay import report, status as status_module
+
+    rules = load_rules(rules_path, config_dir)
+    taken = status_module.snapshot(config_dir, rules, state_dir)
+    click.echo(report.as_json(taken) if as_json else report.table(taken))
+    sys.exit(EXIT_INCOMPLETE if report.needs_attention(taken) else EXIT_OK)

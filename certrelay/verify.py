@@ -102,10 +102,10 @@ class Fingerprints:
         return "old" if served.sha256 in self.former[name] else "other"
 
 
-def verify(checks, config_dir, timeout, fingerprints=None, quiet=False):
+def verify(checks, config_dir, timeout, fingerprints=None, quiet=False, once=False):
     """Probe `checks` (plan.Check) until each serves the live certificate or `timeout`
-    seconds passed; return their `Verdict`s in order, logging one line each unless
-    `quiet`."""
+    seconds passed (one round only, if `once`); return their `Verdict`s in order,
+    logging one line each unless `quiet`."""
     fingerprints = fingerprints or Fingerprints(config_dir)
     deadline = time.monotonic() + timeout
     verdicts, pending, pause = {}, list(dict.fromkeys(checks)), FIRST_PAUSE
@@ -116,7 +116,7 @@ def verify(checks, config_dir, timeout, fingerprints=None, quiet=False):
             verdicts[check] = Verdict(check, fingerprints.classify(check.name, answer), answer,
                                       fingerprints.expected(check.name))
         pending = [check for check in pending if not verdicts[check].ok]
-        if not pending or time.monotonic() + pause >= deadline:
+        if not pending or once or time.monotonic() + pause >= deadline:
             break
         time.sleep(pause)
         pause = min(pause * 2, LONGEST_PAUSE)

@@ -73,6 +73,7 @@ class Watcher:
         self.next_poll = None
         self.next_ping = None
         self.rewatch_due = None
+        self.next_reconcile = None  # a batch also finds renewals that sent no notification
         self.stop_requested = self.reload_requested = False
         self.last_status = "starting"
 
@@ -197,6 +198,7 @@ class Watcher:
         deadlines = [
             moment for moment in (
                 self.batch_due, self.retry_at, self.next_ping, self.next_poll, self.rewatch_due,
+                self.next_reconcile,
             ) if moment is not None
         ]
         return min(deadlines) if deadlines else None
@@ -223,6 +225,7 @@ class Watcher:
             self.next_ping = now + self.systemd.watchdog_interval
         if self.poll_interval:
             self.next_poll = now + self.poll_interval
+        self.next_reconcile = now + self.rules.settings["reconcile-interval"]
         try:
             while not self.stop_requested:
                 deadline = self.next_deadline()
@@ -259,8 +262,11 @@ class Watcher:
             self.next_poll = now + self.poll_interval
             if self.pending():
                 self.something_arrived("--poll found pending notifications")
+        if now >= self.next_reconcile:
+            self.batch_due = self.batch_due or now  # reconcile and expiry alarms run in every batch
         due = [moment for moment in (self.batch_due, self.retry_at) if moment is not None]
         if due and now >= min(due):
+            self.next_reconcile = now + self.rules.settings["reconcile-interval"]
             self.run_batch()
 
 
