@@ -28,8 +28,12 @@ BUILD_VERSION = "1"
 PACKAGES = (
     "systemd", "systemd-sysv", "dbus",
     "apache2", "dovecot-imapd", "exim4-daemon-light", "openssl", "ssl-cert", "ca-certificates",
-    # certrelay on the server's own python3, no pip: what `make install` expects.
-    "python3", "python3-click", "python3-pyinotify", "python3-sdnotify",
+    # daemons that cannot read /etc/letsencrypt: certrelay installs their files
+    "haproxy", "postgresql",
+    # certrelay on the server's own python3, no pip: what the package depends on.
+    "python3", "python3-click", "python3-pyinotify", "python3-sdnotify", "python3-cryptography",
+    # `man certrelay` from the package (test_package.py lets dpkg install its man pages)
+    "man-db",
     # for a person debugging inside the container (ps, ss)
     "procps", "iproute2",
 )

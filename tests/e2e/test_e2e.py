@@ -3,8 +3,8 @@
 One container (systemd-nspawn, its own network namespace) runs apache2 (443), dovecot
 (993) and exim4 (465, TLS on connect) with the certbot lineage example.test. certbot runs
 on the host "as its container does" (tests/acme.py: Pebble, DNS-01, BusyBox sh) on the
-container's /etc/letsencrypt, so its deploy hook is the one `make install-hook` put there.
-certrelay is installed with `make install DESTDIR=... PREFIX=/usr` and runs on the
+container's /etc/letsencrypt, so its deploy hook is the one `certrelay install-hook` put there.
+certrelay is installed from its Debian package (`apt-get install ./certrelay_*.deb`) and runs on the
 container's own python3 with Debian's packages.
 
 Each way of running certrelay is tested in turn on the same container: the path unit
@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from .. import acme
-from . import rootfs
+from . import debs, rootfs
 from .container import Container, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,7 +46,7 @@ RELAY_TIMEOUT = 60  # seconds from the end of `certbot renew` until every servic
 
 def skip_reason():
     """Return why this test cannot run here, or None."""
-    reason = rootfs.skip_reason() or acme.skip_reason()
+    reason = rootfs.skip_reason() or acme.skip_reason() or debs.skip_reason()
     if reason is None and not shutil.which("make"):
         reason = "make is not on PATH: the test installs certrelay with `make install`"
     return reason
@@ -68,9 +68,13 @@ def sh(*argv, **kwargs):
 
 
 def install_certrelay(root):
-    """Install certrelay into `root` as a user would, with this test's rules."""
-    sh("make", "--no-print-directory", "-C", REPO, "install", f"DESTDIR={root}", "PREFIX=/usr")
-    sh("make", "--no-print-directory", "-C", REPO, "install-hook", f"DESTDIR={root}")
+    """Install the Debian package into `root` as the README says, and the hook, with this test's rules."""
+    deb = debs.built_deb()
+    shutil.copy(deb, root / "root" / deb.name)  # not /tmp: nspawn mounts a tmpfs there
+    (root / "etc" / "letsencrypt").mkdir(mode=0o755, exist_ok=True)
+    sh("systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "-D", root,
+       "--setenv=DEBIAN_FRONTEND=noninteractive",
+       "sh", "-c", f"apt-get install -y -q /root/{deb.name} && certrelay install-hook")
     rules = root / "etc" / "certrelay" / "rules.toml"
     shutil.copyfile(FILES / "rules.toml", rules)
     os.chown(rules, 0, 0)

@@ -1,0 +1,144 @@
+"""The deploy hook: where this installation keeps it, and putting it where certbot runs it.
+
+certbot runs every executable in CONFIG_DIR/renewal-hooks/deploy/ after a renewal. The
+hook is shipped with certrelay (the Debian package: /usr/share/certrelay/certrelay-hook;
+`make install`: PREFIX/share/certrelay/certrelay-hook; the source tree:
+hooks/certrelay-hook) and copied into the certbot config dir by `certrelay install-hook`,
+never by the package itself: /etc/letsencrypt belongs to the admin and to certbot.
+"""
+
+import os
+import stat
+from pathlib import Path
+
+HOOK_NAME = "certrelay-hook"
+#: What a hook certrelay installed contains (its first comment line), so that
+#: `install` replaces an older certrelay hook but not someone else's file.
+MARKER = b"certrelay-hook: certbot deploy hook"
+CURRENT, OUTDATED, MISSING = "current", "outdated", "missing"
+
+
+class HookError(Exception):
+    """The hook cannot be installed; the message says why and what to do."""
+
+
+def candidates():
+    """Return where an installation may keep the hook, the most specific first."""
+    package = Path(__file__).resolve().parent
+    return [
+        package.parent / "hooks" / HOOK_NAME,  # the source tree: certrelay/ beside hooks/
+        # `make install`: PKGLIBDIR/certrelay/, PKGLIBDIR = PREFIX/lib/certrelay
+        package.parents[2] / "share" / "certrelay" / HOOK_NAME,
+        Path("/usr/share/certrelay") / HOOK_NAME,  # the Debian package
+        Path("/usr/local/share/certrelay") / HOOK_NAME,  # `make install`, default PREFIX
+    ]
+
+
+def packaged_hook():
+    """Return the path of the hook shipped with this installation.
+
+    Raises HookError when no candidate exists (an installation without its hook).
+    """
+    for path in candidates():
+        if path.is_file():
+            return path
+    raise HookError(
+        f"the {HOOK_NAME} shipped with certrelay was not found (looked in "
+        + ", ".join(str(path.parent) for path in candidates())
+        + "): reinstall certrelay"
+    )
+
+
+def installed_path(config_dir):
+    """Return CONFIG_DIR/renewal-hooks/deploy/certrelay-hook."""
+    return Path(config_dir) / "renewal-hooks" / "deploy" / HOOK_NAME
+
+
+def status(config_dir):
+    """Return "current", "outdated" or "missing" for the hook in `config_dir`.
+
+    current: a regular executable file with the packaged hook's bytes. outdated: there,
+    but different or not executable (certbot skips it). missing: nothing there, or not
+    a regular file.
+    """
+    path = installed_path(config_dir)
+    try:
+        info = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return MISSING
+    if not stat.S_ISREG(info.st_mode):
+        return MISSING
+    if not info.st_mode & stat.S_IXUSR:
+        return OUTDATED
+    try:
+        same = path.read_bytes() == packaged_hook().read_bytes()
+    except OSError:
+        return OUTDATED
+    return CURRENT if same else OUTDATED
+
+
+def install(config_dir, force=False):
+    """Copy the packaged hook to CONFIG_DIR/renewal-hooks/deploy/, atomically, mode 0755.
+
+    Creates renewal-hooks/deploy/ (0755) if needed. Refuses, unless `force`: a config dir
+    that does not exist (a typo would otherwise create a tree certbot never reads), and
+    a destination that is not a certrelay hook (someone else's file, a symlink). The copy
+    is written to a hidden temporary file in the destination directory, flushed, given
+    mode 0755, then renamed over the destination, and the directory is flushed: certbot
+    sees the old hook or the new one, never a partial file. Returns (path, what happened):
+    "installed", "updated" or "current" (nothing written).
+    """
+    config_dir = Path(config_dir)
+    source = packaged_hook()
+    dest = installed_path(config_dir)
+    if not config_dir.is_dir() and not force:
+        raise HookError(
+            f"{config_dir}: no such directory; pass certbot's config dir with --config-dir,"
+            " or --force to create it"
+        )
+    previous = status(config_dir)
+    if previous == CURRENT:
+        return dest, CURRENT
+    if os.path.lexists(dest):
+        if os.path.isdir(dest) and not os.path.islink(dest):
+            raise HookError(f"{dest} is a directory: remove it, then run certrelay install-hook again")
+        if not force and not _is_certrelay_hook(dest):
+            raise HookError(
+                f"{dest} exists and is not a certrelay hook (or is a symlink): move it away,"
+                " or replace it with --force"
+            )
+    content = source.read_bytes()
+    dest.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    temporary = dest.parent / f".{HOOK_NAME}.{os.getpid()}.tmp"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(content)
+            file.flush()
+            os.fchmod(file.fileno(), 0o755)
+            os.fsync(file.fileno())
+        os.rename(temporary, dest)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
+    directory = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return dest, "installed" if previous == MISSING else "updated"
+
+
+def _is_certrelay_hook(path):
+    """True if `path` is a regular file (not a symlink) that a certrelay hook wrote."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    with os.fdopen(descriptor, "rb") as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            return False
+        return MARKER in file.read(4096)
