@@ -52,15 +52,16 @@ class Outcome:
 
     def summary(self):
         """Return one line a person can read, e.g. for the daemon's STATUS=."""
-        if not self.notifications and not self.quarantined and not self.expiring:
+        if not (self.notifications or self.unannounced or self.quarantined or self.expiring):
             return "nothing pending"
         parts = [f"{self.notifications} notification(s)"]
+        if self.unannounced:
+            parts.append(f"{self.unannounced} renewal(s) found without one")
         if self.dry_run:
             parts.append(f"{self.actions} action(s) planned")
         else:
             parts.append(f"{self.actions - self.failed}/{self.actions} action(s) done")
         for count, words in (
-            (self.unannounced, "found without a notification"),
             (self.verified, "endpoint(s) verified"), (self.unverified, "endpoint(s) NOT serving the live certificate"),
             (self.kept, "kept for retry"), (self.deferred, "deferred by min-interval"),
             (self.unchanged, "unchanged"), (self.unmatched, "matched no rule"),
@@ -116,7 +117,7 @@ class Batch:
         outcome = Outcome(quarantined=len(problems), dry_run=self.dry_run)
         changed = self.only_changed(notifications, outcome)
         changed += self.unannounced(changed, outcome)
-        outcome.notifications = len(notifications) + outcome.unannounced
+        outcome.notifications = len(notifications)
         done = {entry: set(keys) for entry, keys in self.progress.data.items()}
         plan = plan_module.make_plan(changed, self.rules, self.config_dir, done)
         for notification in plan.unmatched:

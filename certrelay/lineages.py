@@ -10,6 +10,7 @@ in STATE_DIR/lineages.json; a lost cache only costs reading again.
 import dataclasses
 import logging
 import os
+import stat
 
 from certrelay import certificate, spool, state
 
@@ -41,9 +42,20 @@ def names(config_dir):
     except OSError:
         return []
     try:
-        return sorted(name for name in os.listdir(descriptor) if spool.NAME.fullmatch(name))
+        return sorted(
+            name for name in os.listdir(descriptor)
+            if spool.NAME.fullmatch(name) and is_directory(name, descriptor)  # not certbot's live/README
+        )
     finally:
         os.close(descriptor)
+
+
+def is_directory(name, directory):
+    """Return True if `name` in the directory descriptor `directory` is a directory (not a link)."""
+    try:
+        return stat.S_ISDIR(os.stat(name, dir_fd=directory, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 def stat_key(config_dir, name):
@@ -60,17 +72,19 @@ def stat_key(config_dir, name):
 
 
 class Scanner:
-    """Reads lineages through the cache in STATE_DIR/lineages.json; `save()` keeps it."""
+    """Reads lineages through the cache in STATE_DIR/lineages.json (in memory only
+    when `state_dir` is None); `save()` keeps it."""
 
     def __init__(self, config_dir, state_dir):
         self.config_dir = config_dir
-        self.cache = state.Store(state_dir, "lineages.json")
+        self.cache = state.Store(state_dir, "lineages.json") if state_dir else None
+        self.entries = self.cache.data if self.cache else {}
 
     def lineage(self, name):
         """Return the `Lineage` for live/NAME (reading and parsing only what changed)."""
         from certrelay import certinfo  # cheap: cryptography is imported only to parse
 
-        cached = self.cache.data.get(name)
+        cached = self.entries.get(name)
         try:
             key = stat_key(self.config_dir, name)
         except OSError as error:
@@ -86,17 +100,19 @@ class Scanner:
         except (certificate.CertificateError, certinfo.CertificateParseError) as error:
             return Lineage(name, error=str(error))
         found = Lineage(name, certificate.hashlib.sha256(data).hexdigest(), info)
-        self.cache.data[name] = {"key": key, "fingerprint": found.fingerprint, "info": info.to_json()}
+        self.entries[name] = {"key": key, "fingerprint": found.fingerprint, "info": info.to_json()}
         return found
 
     def scan(self):
         """Return a `Lineage` for every name under live/, in name order."""
         found = [self.lineage(name) for name in names(self.config_dir)]
-        for gone in set(self.cache.data) - {lineage.name for lineage in found}:
-            del self.cache.data[gone]
+        for gone in set(self.entries) - {lineage.name for lineage in found}:
+            del self.entries[gone]
         return found
 
     def save(self):
+        if self.cache is None:
+            return
         try:
             self.cache.save()
         except OSError as error:

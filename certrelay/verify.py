@@ -39,6 +39,7 @@ class Verdict:
     outcome: str
     served: object
     expected: str = None
+    owner: str = None  # for "other": the lineage whose live certificate was served, if any
 
     @property
     def ok(self):
@@ -59,8 +60,9 @@ class Verdict:
         if self.outcome == "old":
             return (f"{where} still serves an OLD certificate of {check.name} ({served}), not the live one"
                     f"{suffix}")
-        return (f"{where} serves a certificate of no lineage certrelay knows ({served}), not the live one of"
-                f" {check.name}: check the service's certificate path, vhost or SNI{suffix}")
+        owner = f"the live certificate of {self.owner}" if self.owner else "a certificate of no lineage certrelay knows"
+        return (f"{where} serves {owner} ({served}), not the live one of {check.name}: check the service's"
+                f" certificate path, vhost or SNI{suffix}")
 
 
 def summary(der):
@@ -79,7 +81,7 @@ class Fingerprints:
 
     def __init__(self, config_dir):
         self.config_dir = config_dir
-        self.live, self.former = {}, {}
+        self.live, self.former, self.owners = {}, {}, None
 
     def expected(self, name):
         """Return the DER fingerprint of live/NAME/cert.pem, or None if unreadable."""
@@ -101,6 +103,16 @@ class Fingerprints:
             self.former[name] = certificate.archive_fingerprints(self.config_dir, name)
         return "old" if served.sha256 in self.former[name] else "other"
 
+    def owner(self, sha256):
+        """Return the name of the lineage whose live certificate has this DER
+        fingerprint, or None."""
+        if self.owners is None:
+            from certrelay import lineages
+
+            scanned = lineages.Scanner(self.config_dir, None).scan()
+            self.owners = {lineage.info.sha256: lineage.name for lineage in scanned if lineage.info}
+        return self.owners.get(sha256)
+
 
 def verify(checks, config_dir, timeout, fingerprints=None, quiet=False, once=False):
     """Probe `checks` (plan.Check) until each serves the live certificate or `timeout`
@@ -113,8 +125,9 @@ def verify(checks, config_dir, timeout, fingerprints=None, quiet=False, once=Fal
         attempt = max(1.0, min(ATTEMPT_TIMEOUT, deadline - time.monotonic()))
         served = probe.fetch_many([(check.endpoint, check.server_name) for check in pending], attempt)
         for check, answer in zip(pending, served):
-            verdicts[check] = Verdict(check, fingerprints.classify(check.name, answer), answer,
-                                      fingerprints.expected(check.name))
+            outcome = fingerprints.classify(check.name, answer)
+            owner = fingerprints.owner(answer.sha256) if outcome == "other" else None
+            verdicts[check] = Verdict(check, outcome, answer, fingerprints.expected(check.name), owner)
         pending = [check for check in pending if not verdicts[check].ok]
         if not pending or once or time.monotonic() + pause >= deadline:
             break

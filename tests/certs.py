@@ -14,7 +14,7 @@ def make_certificate(domains, days=90, age_days=0):
     `age_days` ago; self-signed (certrelay compares fingerprints, not chains)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domains[0])])
-    start = datetime.datetime.utcnow() - datetime.timedelta(days=age_days)
+    start = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=age_days)
     certificate = (
         x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
         .serial_number(x509.random_serial_number()).not_valid_before(start)
