@@ -1,4 +1,4 @@
-# certrelay: make [all] | install | uninstall | install-hook | test | demo | e2e | bench | clean
+# certrelay: make [all] | install | uninstall | install-hook | test | deb | package | demo | e2e | bench | clean
 PREFIX ?= /usr/local
 BINDIR ?= $(PREFIX)/bin
 PKGLIBDIR ?= $(PREFIX)/lib/certrelay
