@@ -318,7 +318,8 @@ def verify(config_dir, rules_path, state_dir, as_json, nagios, names):
                                                domains=tuple(lineage.domains), time="") for lineage in found]
     checks = [check for checks in plan_module.make_plan(notifications, rules, config_dir).checks.values()
               for check in checks]
-    verdicts = verify_module.verify(checks, config_dir, verify_module.ATTEMPT_TIMEOUT, quiet=as_json or nagios, once=True)
+    verdicts = verify_module.verify(checks, config_dir, verify_module.ATTEMPT_TIMEOUT, quiet=as_json or nagios,
+                                    once=True, settings=rules.settings)
     if nagios:
         taken = status.snapshot(config_dir, rules, state_dir)
         current = {(verdict.check.name, verdict.check.endpoint.url): verdict for verdict in verdicts}

@@ -407,6 +407,18 @@ class _Conversation:
             lines.append(self.read_line())
         return code, lines
 
+    def expect(self, phase, command, code, refused):
+        """For reply-code protocols (SMTP, FTP): send `command` (bytes; nothing if
+        empty) while in `phase`, read the reply, and give up with `refused` and QUIT
+        unless its code is `code`; return its lines."""
+        self.phase = phase
+        if command:
+            self.send(command)
+        found, lines = self.read_reply()
+        if found != code:
+            self.give_up(f"{refused}: {_printable(lines[-1])}", b"QUIT\r\n")
+        return lines
+
     def start_tls(self, server_name):
         """Do the TLS handshake, sending `server_name` as SNI unless it is None or an IP
         address; return the leaf certificate's DER."""
@@ -443,22 +455,12 @@ class _Conversation:
 
 
 def _smtp(conversation, domain):
-    conversation.phase = "waiting for the greeting"
-    code, lines = conversation.read_reply()  # up to the final "220 ": postscreen bans early talkers
-    if code != "220":
-        conversation.give_up(f"unexpected greeting: {_printable(lines[-1])}", b"QUIT\r\n")
-    conversation.phase = "waiting for the EHLO reply"
-    conversation.send(f"EHLO {CLIENT_NAME}\r\n".encode())
-    code, lines = conversation.read_reply()
-    if code != "250":
-        conversation.give_up(f"EHLO refused: {_printable(lines[-1])}", b"QUIT\r\n")
+    # Up to the final "220 ": postscreen bans clients that talk early.
+    conversation.expect("waiting for the greeting", b"", "220", "unexpected greeting")
+    lines = conversation.expect("waiting for the EHLO reply", f"EHLO {CLIENT_NAME}\r\n".encode(), "250", "EHLO refused")
     if not any(line[4:].strip().upper() == "STARTTLS" for line in lines[1:]):
         conversation.give_up("the server does not offer STARTTLS", b"QUIT\r\n")
-    conversation.phase = "waiting for the STARTTLS reply"
-    conversation.send(b"STARTTLS\r\n")
-    code, lines = conversation.read_reply()
-    if code != "220":
-        conversation.give_up(f"STARTTLS refused: {_printable(lines[-1])}", b"QUIT\r\n")
+    conversation.expect("waiting for the STARTTLS reply", b"STARTTLS\r\n", "220", "STARTTLS refused")
     return b"QUIT\r\n"
 
 
@@ -518,11 +520,7 @@ def _ftp(conversation, domain):
         code, lines = conversation.read_reply()
     if code != "220":
         conversation.give_up(f"unexpected greeting: {_printable(lines[-1])}", b"QUIT\r\n")
-    conversation.phase = "waiting for the AUTH TLS reply"
-    conversation.send(b"AUTH TLS\r\n")
-    code, lines = conversation.read_reply()
-    if code != "234":
-        conversation.give_up(f"AUTH TLS refused: {_printable(lines[-1])}", b"QUIT\r\n")
+    conversation.expect("waiting for the AUTH TLS reply", b"AUTH TLS\r\n", "234", "AUTH TLS refused")
     return b"QUIT\r\n"
 
 

@@ -16,6 +16,8 @@ A snapshot is a plain dict built by the caller; every time is epoch seconds (UTC
           "error": None or "why the live certificate cannot be read",
           "acted": {"sha256": "...", "time": epoch} or None,  # what certrelay last acted on
           "kept": [{"action": "restart exim4.service", "error": "...", "attempts": 3}],
+          "installs": [{"dest": "/etc/haproxy/certs/example.org.pem", "result": "success"|"failure",
+                        "time": epoch, "detail": "..."}],  # the last delivery to each
           "endpoints": [{"endpoint": "imaps://127.0.0.1:993",
                          "outcome": "current"|"old"|"other"|"unreachable",
                          "served_sha256": "..." or None, "served_serial": "..." or None,
@@ -191,6 +193,9 @@ def certificate_details(cert):
         lines.append(line)
     if cert.get("level") in ("warning", "critical"):
         lines.append(f"{cert['level']}: {expiry_summary(cert)}; {EXPIRY_ADVICE}")
+    for install in cert.get("installs") or []:
+        outcome = "installed" if install.get("result") == "success" else "FAILED to install"
+        lines.append(f"{outcome} {install['dest']} {human_time(install.get('time'))}")
     return lines
 
 
@@ -271,6 +276,11 @@ def certificate_json(cert):
                 "checked": rfc3339(endpoint.get("checked")),
             }
             for endpoint in cert.get("endpoints") or []
+        ],
+        "installs": [
+            {"dest": install["dest"], "result": install.get("result"), "time": rfc3339(install.get("time")),
+             "detail": install.get("detail")}
+            for install in cert.get("installs") or []
         ],
     }
 

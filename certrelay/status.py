@@ -24,7 +24,7 @@ class Recorder:
     def __init__(self, state_dir):
         self.state_dir = state_dir
         self.store = state.Store(state_dir, "status.json")
-        for key in ("units", "actions_total", "endpoints", "kept", "acted", "alarms"):
+        for key in ("units", "actions_total", "endpoints", "kept", "acted", "alarms", "installs"):
             if not isinstance(self.store.data.get(key), dict):
                 self.store.data[key] = {}
 
@@ -36,7 +36,10 @@ class Recorder:
         """Record the `result` of a plan.Action done at `now`."""
         target = " ".join(action.target) if isinstance(action.target, tuple) else action.target
         outcome = "success" if result.ok else "failure"
-        if action.verb not in ("run", "precheck", "install"):
+        if action.verb == "install":
+            self.data["installs"].setdefault(action.payload[1], {})[target] = {
+                "result": outcome, "time": now, "detail": result.detail}
+        elif action.verb not in ("run", "precheck"):
             self.data["units"][target] = {"verb": action.verb, "result": outcome, "time": now,
                                           "error": None if result.ok else result.detail}
         counter = "\t".join((target, action.verb, outcome))
@@ -181,6 +184,8 @@ def certificate_entry(lineage, state_word, settings, now, data, failures, attemp
         "acted": (data.get("acted") or {}).get(lineage.name),
         "kept": [{**failure, "attempts": attempts} for failure in failures],
         "endpoints": list(((data.get("endpoints") or {}).get(lineage.name) or {}).values()),
+        "installs": [{"dest": dest, **last} for dest, last in
+                     sorted(((data.get("installs") or {}).get(lineage.name) or {}).items())],
     }
     if info is not None:
         warning, critical = settings["expiry-warning"], settings["expiry-critical"]

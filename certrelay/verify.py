@@ -114,10 +114,10 @@ class Fingerprints:
         return self.owners.get(sha256)
 
 
-def verify(checks, config_dir, timeout, fingerprints=None, quiet=False, once=False):
+def verify(checks, config_dir, timeout, fingerprints=None, quiet=False, once=False, settings=None):
     """Probe `checks` (plan.Check) until each serves the live certificate or `timeout`
     seconds passed (one round only, if `once`); return their `Verdict`s in order,
-    logging one line each unless `quiet`."""
+    logging one line each unless `quiet` (and expiry alarms with `settings`)."""
     fingerprints = fingerprints or Fingerprints(config_dir)
     deadline = time.monotonic() + timeout
     verdicts, pending, pause = {}, list(dict.fromkeys(checks)), FIRST_PAUSE
@@ -135,16 +135,34 @@ def verify(checks, config_dir, timeout, fingerprints=None, quiet=False, once=Fal
         pause = min(pause * 2, LONGEST_PAUSE)
     if not quiet:
         for check in dict.fromkeys(checks):
-            log(verdicts[check])
+            log(verdicts[check], settings)
     return [verdicts[check] for check in checks]
 
 
-def log(verdict):
-    """Log one line for a verdict: info when current, else an error."""
+def log(verdict, settings=None):
+    """Log one line for a verdict: info when current, else an error. With `settings`,
+    also an error when the served certificate is below `expiry-warning`."""
     if verdict.ok:
         logger.info("verified: %s", verdict.describe())
     else:
         logger.error("not current: %s", verdict.describe())
+    if settings and verdict.served.der:
+        expiry_alarm(verdict, settings)
+
+
+def expiry_alarm(verdict, settings):
+    """Log an error if the certificate `verdict` saw served is close to expiry."""
+    from certrelay import certinfo
+
+    try:
+        info = certinfo.from_der(verdict.served.der)
+    except certinfo.CertificateParseError:
+        return
+    now = time.time()
+    level = certinfo.level(info, now, settings["expiry-warning"], settings["expiry-critical"])
+    if level != "ok":
+        logger.error("%s serves a certificate that expires in %.1f days (%s): see to it before clients refuse it",
+                     verdict.check.endpoint.url, info.days_left(now), level)
 
 
 def verify_and_escalate(checks, config_dir, settings, done_verbs):
@@ -166,7 +184,7 @@ def verify_and_escalate(checks, config_dir, settings, done_verbs):
             for unit in reloaded:
                 units.setdefault(unit, verdict.check)
         else:
-            log(verdict)
+            log(verdict, settings)
     if not units:
         return verdicts, {}
     restarted = {}
@@ -177,5 +195,7 @@ def verify_and_escalate(checks, config_dir, settings, done_verbs):
         else:
             logger.error("failed: restart %s (%s): %s", unit, check.name, restarted[unit].detail)
     again = [verdict.check for verdict in stale]
-    fresh = dict(zip(again, verify(again, config_dir, timeout, fingerprints)))
+    fresh = dict(zip(again, verify(again, config_dir, timeout, fingerprints, quiet=True)))
+    for verdict in fresh.values():
+        log(verdict, settings)
     return [fresh.get(verdict.check, verdict) for verdict in verdicts], restarted

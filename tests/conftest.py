@@ -6,10 +6,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 
+from certrelay import install
 from tests.writeup import WRITE_UP_RULES
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,3 +143,23 @@ def relay(tmp_path):
     instance = Relay(tmp_path)
     yield instance
     instance.stop()
+
+
+@pytest.fixture
+def root(tmp_path):
+    """A 0755 root-owned directory below which root may deliver: every directory above
+    it is root-owned and writable by nobody else. pytest's tmp_path is below /tmp
+    (sticky, writable by all), which install refuses, so then use the repository's .cache/."""
+    if not install.directory_problems(str(tmp_path.parent), create_dirs=False):
+        os.chmod(tmp_path, 0o755)
+        yield str(tmp_path)
+        return
+    base = os.path.join(REPOSITORY, ".cache", "install-tests")
+    os.makedirs(base, mode=0o755, exist_ok=True)
+    problems = install.directory_problems(base, create_dirs=False)
+    if problems:
+        pytest.skip(f"no safe place for destinations: {problems}")
+    directory = tempfile.mkdtemp(dir=base)
+    os.chmod(directory, 0o755)
+    yield directory
+    shutil.rmtree(directory)

@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -197,6 +198,24 @@ class Overlay:
         left = mounts_under(self.root)
         if left:
             raise RuntimeError(f"still mounted: {left}")
+
+
+@contextlib.contextmanager
+def scratch_root(prefix):
+    """Yield (root, work_dir, stack) for one e2e module: `root` a writable overlay of the
+    cached root file system in a fresh `work_dir` under /var/tmp, `stack` an ExitStack
+    for the module's own clean-ups, closed before the overlay is unmounted and the work
+    dir removed (kept when CERTRELAY_E2E_KEEP=1)."""
+    work_dir = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    overlay = Overlay(cached_rootfs(), work_dir)
+    try:
+        with contextlib.ExitStack() as stack:
+            yield overlay.mount(), work_dir, stack
+    finally:
+        if overlay.mounted:
+            overlay.unmount()
+        if os.environ.get("CERTRELAY_E2E_KEEP") != "1":
+            remove_tree(work_dir)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,10 @@ Needs root, systemd-nspawn, mmdebstrap, pebble, busybox-static. The root file sy
 built once into .cache/ (about a minute); a run on the cached one takes well under one.
 """
 
-import contextlib
 import dataclasses
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -67,16 +65,21 @@ def sh(*argv, **kwargs):
     return done
 
 
-def install_certrelay(root):
-    """Install the Debian package into `root` as the README says, and the hook, with this test's rules."""
+def install_certrelay(root, rules_file=FILES / "rules.toml"):
+    """Install the Debian package into `root` as the README says, and the hook, with
+    the rules in `rules_file`.
+
+    --keep-unit: without a systemd on the host nspawn cannot make a scope over D-Bus;
+    a machine name of its own, so that it never collides with another e2e module's.
+    """
     deb = debs.built_deb()
     shutil.copy(deb, root / "root" / deb.name)  # not /tmp: nspawn mounts a tmpfs there
     (root / "etc" / "letsencrypt").mkdir(mode=0o755, exist_ok=True)
-    sh("systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "-D", root,
-       "--setenv=DEBIAN_FRONTEND=noninteractive",
+    sh("systemd-nspawn", "--quiet", "--register=no", "--keep-unit", f"--machine=certrelay-setup-{os.getpid()}",
+       "-D", root, "--setenv=DEBIAN_FRONTEND=noninteractive",
        "sh", "-c", f"apt-get install -y -q /root/{deb.name} && certrelay install-hook")
     rules = root / "etc" / "certrelay" / "rules.toml"
-    shutil.copyfile(FILES / "rules.toml", rules)
+    shutil.copyfile(rules_file, rules)
     os.chown(rules, 0, 0)
     rules.chmod(0o644)
 
@@ -190,33 +193,29 @@ def world():
     container off, stops Pebble, unmounts the overlay and removes the work dir (kept
     when CERTRELAY_E2E_KEEP=1).
     """
-    lower = rootfs.cached_rootfs()
-    work_dir = Path(tempfile.mkdtemp(prefix="certrelay-e2e-", dir="/var/tmp"))
-    overlay = rootfs.Overlay(lower, work_dir)
-    container = None
-    try:
-        with contextlib.ExitStack() as stack:
-            root = overlay.mount()
-            config = root / "etc" / "letsencrypt"
-            install_certrelay(root)
-            configure_services(root)
-            server = stack.enter_context(acme.acme_server(work_dir))
-            # certbot runs the deploy hook for a new certificate too: the notifications
-            # of these first certificates are cleared, the services start with them.
-            server.certonly(config, [NAME, f"*.{NAME}"])
-            server.certonly(config, [OTHER])
-            for pending in (config / "certrelay" / "queue").iterdir():
-                pending.unlink()
-            share_certificates(config, group_id(root, "ssl-cert"))
-            container = Container(root, work_dir / "console.log")
-            stack.callback(container.stop)
-            container.boot()
-            yield World(root, config, container, server)
-    finally:
-        if overlay.mounted:
-            overlay.unmount()
-        if os.environ.get("CERTRELAY_E2E_KEEP") != "1":
-            rootfs.remove_tree(work_dir)
+    with rootfs.scratch_root("certrelay-e2e-") as (root, work_dir, stack):
+        install_certrelay(root)
+        config, server = prepare_services(root, work_dir, stack)
+        container = Container(root, work_dir / "console.log")
+        stack.callback(container.stop)
+        container.boot()
+        yield World(root, config, container, server)
+
+
+def prepare_services(root, work_dir, stack):
+    """Configure the services, start Pebble (stopped by `stack`), obtain example.test
+    and other.test, and let ssl-cert read them; return (config dir, ACME server)."""
+    config = root / "etc" / "letsencrypt"
+    configure_services(root)
+    server = stack.enter_context(acme.acme_server(work_dir))
+    # certbot runs the deploy hook for a new certificate too: the notifications of
+    # these first certificates are cleared, the services start with them.
+    server.certonly(config, [NAME, f"*.{NAME}"])
+    server.certonly(config, [OTHER])
+    for pending in (config / "certrelay" / "queue").iterdir():
+        pending.unlink()
+    share_certificates(config, group_id(root, "ssl-cert"))
+    return config, server
 
 
 # --- the three ways of running certrelay --------------------------------------------

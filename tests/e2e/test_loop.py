@@ -17,24 +17,20 @@ Every test undoes what it changed (drop-ins, config files, enabled units), so th
 starts clean. Needs what test_e2e.py needs.
 """
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from .. import acme
-from . import debs, rootfs
+from . import rootfs
 from .container import Container, wait_until
 from .test_e2e import (
-    REASON, NAME, OTHER, World, configure_services, group_id, service_pids, sh, share_certificates,
-    spool_entries,
+    REASON, NAME, World, install_certrelay, prepare_services, service_pids, spool_entries,
 )
 
 FILES = Path(__file__).resolve().parent / "files"
@@ -90,20 +86,6 @@ class LoopWorld(World):
         return hashlib.sha256(der).hexdigest()
 
 
-def install_certrelay(root):
-    """Install the Debian package into `root` and the hook, like test_e2e.py's install_certrelay.
-
-    --keep-unit: without a systemd on the host nspawn cannot make a scope over D-Bus;
-    its own machine name, so that it never collides with another e2e module's.
-    """
-    deb = debs.built_deb()
-    shutil.copy(deb, root / "root" / deb.name)  # not /tmp: nspawn mounts a tmpfs there
-    (root / "etc" / "letsencrypt").mkdir(mode=0o755, exist_ok=True)
-    sh("systemd-nspawn", "--quiet", "--register=no", "--keep-unit", f"--machine=certrelay-loop-setup-{os.getpid()}", "-D", root,
-       "--setenv=DEBIAN_FRONTEND=noninteractive",
-       "sh", "-c", f"apt-get install -y -q /root/{deb.name} && certrelay install-hook")
-
-
 def base_rules():
     return (FILES / "loop-rules.toml").read_text()
 
@@ -116,38 +98,21 @@ def world():
     example.test and other.test obtained before boot, keys shared with ssl-cert). After
     boot one `certrelay run` records the live certificates (the first run acts on nothing).
     """
-    lower = rootfs.cached_rootfs()
-    work_dir = Path(tempfile.mkdtemp(prefix="certrelay-e2e-loop-", dir="/var/tmp"))
-    overlay = rootfs.Overlay(lower, work_dir)
     state = {}
-    try:
-        with contextlib.ExitStack() as stack:
-            root = overlay.mount()
-            config = root / "etc" / "letsencrypt"
-            install_certrelay(root)
-            configure_services(root)
-            server = stack.enter_context(acme.acme_server(work_dir))
-            server.certonly(config, [NAME, f"*.{NAME}"])
-            server.certonly(config, [OTHER])
-            for pending in (config / "certrelay" / "queue").iterdir():
-                pending.unlink()
-            share_certificates(config, group_id(root, "ssl-cert"))
-            container = Container(root, work_dir / "console.log", name="certrelay-e2e-loop")
-            # A test may reboot the container: stop whichever one is current.
-            stack.callback(lambda: state["world"].container.stop() if "world" in state else container.stop())
-            container.boot()
-            world = LoopWorld(root, config, container, server)
-            state["world"] = world
-            world.write_rules(base_rules())
-            wait_until(lambda: all(world.serials().values()), 60, what="apache2, dovecot, exim4 to serve TLS",
-                       explain=world.explain)
-            world.first_run = world.certrelay("run")
-            yield world
-    finally:
-        if overlay.mounted:
-            overlay.unmount()
-        if os.environ.get("CERTRELAY_E2E_KEEP") != "1":
-            rootfs.remove_tree(work_dir)
+    with rootfs.scratch_root("certrelay-e2e-loop-") as (root, work_dir, stack):
+        install_certrelay(root, FILES / "loop-rules.toml")
+        config, server = prepare_services(root, work_dir, stack)
+        container = Container(root, work_dir / "console.log", name="certrelay-e2e-loop")
+        # A test may reboot the container: stop whichever one is current.
+        stack.callback(lambda: state["world"].container.stop() if "world" in state else container.stop())
+        container.boot()
+        world = LoopWorld(root, config, container, server)
+        state["world"] = world
+        world.write_rules(base_rules())
+        wait_until(lambda: all(world.serials().values()), 60, what="apache2, dovecot, exim4 to serve TLS",
+                   explain=world.explain)
+        world.first_run = world.certrelay("run")
+        yield world
 
 
 @pytest.fixture

@@ -13,14 +13,11 @@ Needs root, systemd-nspawn, mmdebstrap (the cached root file system of rootfs.py
 the package's build dependencies.
 """
 
-import contextlib
 import hashlib
 import os
 import shutil
 import stat
 import subprocess
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -118,34 +115,24 @@ class Machine:
 def machine():
     """Boot an overlay of the cached root file system holding both .debs and a target unit."""
     first, second = debs.built_deb(), debs.built_deb("e2e1")
-    lower = rootfs.cached_rootfs()
-    work_dir = Path(tempfile.mkdtemp(prefix="certrelay-e2e-package-", dir="/var/tmp"))
-    overlay = rootfs.Overlay(lower, work_dir)
-    try:
-        with contextlib.ExitStack() as stack:
-            root = overlay.mount()
-            # Not /tmp: nspawn mounts a tmpfs there.
-            for deb in (first, second):
-                shutil.copy(deb, root / "root" / deb.name)
-            # The cached root file system keeps dpkg from installing man pages (smaller):
-            # a normal Debian installs them.
-            dpkg_config = root / "etc" / "dpkg" / "dpkg.cfg.d" / "99mmdebstrap"
-            if dpkg_config.exists():
-                kept = [line for line in dpkg_config.read_text().splitlines() if "/usr/share/man" not in line]
-                dpkg_config.write_text("\n".join(kept) + "\n")
-            (root / "etc" / "systemd" / "system" / TARGET).write_text(TARGET_UNIT)
-            config = root / "etc" / "letsencrypt"
-            config.mkdir(mode=0o755)
-            make_lineage(config, NAME)
-            container = Container(root, work_dir / "console.log", name="certrelay-e2e-package")
-            stack.callback(container.stop)
-            container.boot()
-            yield Machine(root, container, first, second)
-    finally:
-        if overlay.mounted:
-            overlay.unmount()
-        if os.environ.get("CERTRELAY_E2E_KEEP") != "1":
-            rootfs.remove_tree(work_dir)
+    with rootfs.scratch_root("certrelay-e2e-package-") as (root, work_dir, stack):
+        # Not /tmp: nspawn mounts a tmpfs there.
+        for deb in (first, second):
+            shutil.copy(deb, root / "root" / deb.name)
+        # The cached root file system keeps dpkg from installing man pages (smaller):
+        # a normal Debian installs them.
+        dpkg_config = root / "etc" / "dpkg" / "dpkg.cfg.d" / "99mmdebstrap"
+        if dpkg_config.exists():
+            kept = [line for line in dpkg_config.read_text().splitlines() if "/usr/share/man" not in line]
+            dpkg_config.write_text("\n".join(kept) + "\n")
+        (root / "etc" / "systemd" / "system" / TARGET).write_text(TARGET_UNIT)
+        config = root / "etc" / "letsencrypt"
+        config.mkdir(mode=0o755)
+        make_lineage(config, NAME)
+        container = Container(root, work_dir / "console.log", name="certrelay-e2e-package")
+        stack.callback(container.stop)
+        container.boot()
+        yield Machine(root, container, first, second)
 
 
 def test_apt_installs_the_package_and_starts_nothing(machine):
@@ -212,8 +199,11 @@ def test_install_hook_puts_the_packaged_hook_where_certbot_runs_it(machine):
     assert "certrelay-hook: current" in check.stderr
 
 
-@pytest.mark.parametrize("units", [("certrelay.path", "certrelay-retry.timer"), ("certrelay-watch.service",)],
-                         ids=["path-unit", "daemon"])
+@pytest.mark.parametrize(
+    "units",
+    [("certrelay.path", "certrelay-retry.timer"), ("certrelay-watch.service",), ("certbot-docker-renew.timer",)],
+    ids=["path-unit", "daemon", "docker-renew-timer"],
+)
 def test_enable_now_works_for_each_unit(machine, units):
     for unit in units:
         machine.run("systemctl", "enable", "--now", unit)

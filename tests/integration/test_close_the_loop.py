@@ -9,7 +9,6 @@ import shutil
 import socket
 import ssl
 import threading
-import time
 
 import pytest
 
@@ -257,3 +256,81 @@ def test_status_json_and_metrics_after_runs(relay, tmp_path):
     assert 'certrelay_certificate_not_after_timestamp_seconds{name="herzbube.ch"}' in text
     table = relay.run(command="status")
     assert table.returncode == 0 and "herzbube.ch" in table.stdout
+
+
+# --- installs ---------------------------------------------------------------------------
+
+
+def install_rules(destination, extra=""):
+    return (f'[settings]\nmin-interval = 0\n\n[[rule]]\nmatch = ["example.test"]\nreload = ["haproxy"]\n\n'
+            f'  [[rule.install]]\n  dest = "{destination}/{{name}}.pem"\n  content = ["fullchain", "privkey"]\n'
+            f'  mode = "0640"\n{extra}')
+
+
+def test_run_installs_before_the_reload_and_status_shows_where(relay, root):
+    relay.write_rules(install_rules(root))
+    pem = certs.renew(relay.config_dir, "example.test")
+    relay.publish("example.test", renew=False)
+
+    result = relay.run()
+
+    assert result.returncode == 0, result.stderr
+    installed = os.path.join(root, "example.test.pem")
+    assert open(installed, "rb").read().startswith(pem)
+    assert stat_mode(installed) == 0o640
+    assert relay.calls() == ["reload haproxy.service"]
+    assert result.stderr.index(f"done: install fullchain+privkey to {installed}") < result.stderr.index("done: reload")
+    status = json.loads(relay.run("--json", command="status").stdout)
+    assert [install["dest"] for install in status["certificates"][0]["installs"]] == [installed]
+
+
+def test_install_of_a_mismatched_key_keeps_the_old_file_and_leaves_the_unit_alone(relay, root):
+    relay.write_rules(install_rules(root))
+    certs.renew(relay.config_dir, "example.test")
+    relay.publish("example.test", renew=False)
+    assert relay.run().returncode == 0
+    installed = os.path.join(root, "example.test.pem")
+    before = open(installed, "rb").read()
+    certs.renew(relay.config_dir, "example.test")
+    _, stranger_key = certs.make_certificate(["stranger.test"])
+    key = os.path.realpath(os.path.join(relay.config_dir, "live", "example.test", "privkey.pem"))
+    with open(key, "wb") as file:  # a broken lineage: the key belongs to no certificate here
+        file.write(stranger_key)
+    relay.publish("example.test", renew=False)
+
+    result = relay.run()
+
+    assert result.returncode == 1
+    assert open(installed, "rb").read() == before
+    assert relay.calls() == ["reload haproxy.service"]  # only the first run's
+    assert "does not match" in result.stderr
+    assert "failed: reload haproxy.service (example.test): not done, because this failed first: install:" in result.stderr
+    assert len(relay.entries("claimed")) == 1
+
+
+def test_check_refuses_an_install_destination_that_is_a_symlink(relay, root):
+    relay.write_rules(install_rules(root))
+    certs.renew(relay.config_dir, "example.test")
+    os.symlink("/etc/passwd", os.path.join(root, "example.test.pem"))
+
+    result = relay.run(command="check")
+
+    assert result.returncode == 2
+    assert f"{relay.rules_path}:8: " in result.stderr and "is a symbolic link" in result.stderr
+
+
+def stat_mode(path):
+    return os.stat(path).st_mode & 0o7777
+
+
+def test_verify_warns_about_a_served_certificate_close_to_expiry(relay, served, tmp_path):
+    relay.write_rules(rules_for(served, verb="restart"))
+    certs.renew(relay.config_dir, "example.test", days=90, age_days=86)
+    live = os.path.join(relay.config_dir, "live", "example.test")
+    shutil.copy(os.path.join(live, "cert.pem"), tmp_path / "served" / "cert.pem")
+    shutil.copy(os.path.join(live, "privkey.pem"), tmp_path / "served" / "key.pem")
+
+    result = relay.run(command="verify")
+
+    assert result.returncode == 0, result.stderr  # current: only the expiry is wrong
+    assert f"error: tls://127.0.0.1:{served.port} serves a certificate that expires in 4.0 days (critical)" in result.stderr

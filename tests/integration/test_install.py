@@ -7,11 +7,9 @@ import grp
 import json
 import os
 import pwd
-import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -25,7 +23,6 @@ from certrelay import install
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="delivers files with owners: needs root")
 
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NAME = "example.org"
 PASSWORD = "correct horse battery staple"
 NOBODY, NOGROUP = "nobody", "nogroup"
@@ -75,26 +72,6 @@ def versions():
             "key": key, "leaf": leaf, "ca": ca,
         })
     return result
-
-
-@pytest.fixture
-def root(tmp_path):
-    """A 0755 root-owned directory below which root may deliver: every directory above
-    it is root-owned and writable by nobody else. pytest's tmp_path is below /tmp
-    (sticky, writable by all), which install refuses, so then use the repository's .cache/."""
-    if not install.directory_problems(str(tmp_path.parent), create_dirs=False):
-        os.chmod(tmp_path, 0o755)
-        yield str(tmp_path)
-        return
-    base = os.path.join(REPOSITORY, ".cache", "install-tests")
-    os.makedirs(base, mode=0o755, exist_ok=True)
-    problems = install.directory_problems(base, create_dirs=False)
-    if problems:
-        pytest.skip(f"no safe place for destinations: {problems}")
-    directory = tempfile.mkdtemp(dir=base)
-    os.chmod(directory, 0o755)
-    yield directory
-    shutil.rmtree(directory)
 
 
 class Lineage:

@@ -255,3 +255,21 @@ def test_watch_killed_at_any_step_loses_nothing(relay, notify, killed_at):
     ]
     assert relay.entries("queue") == [] and relay.entries("claimed") == []
     assert restarted.poll() is None
+
+
+def test_watch_reconciles_a_renewal_that_sent_no_notification_within_its_interval(relay, notify):
+    from tests import certs
+
+    relay.write_rules(FAST + 'reconcile-interval = "10s"\n\n' + WRITE_UP_RULES)
+    certs.renew(relay.config_dir, "herzbube.ch")
+    process = start_watch(relay, notify)
+    notify.wait_for(lambda m: "READY=1" in m)
+    assert relay.calls() == []  # seen for the first time: recorded, nothing done
+
+    certs.renew(relay.config_dir, "herzbube.ch")  # the hook never runs
+    notify.wait_for(lambda m: "1 renewal(s) found without one" in m, timeout=30)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=30)[0]
+
+    assert sorted(relay.calls()) == ["reload apache2.service", "restart dovecot.service", "restart exim4.service"]
+    assert "herzbube.ch: its live certificate changed but no notification came" in output
