@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import time
 
-from certrelay import certificate, execute, plan as plan_module, reconcile, rules as rules_module
+from certrelay import certificate, lineages, plan as plan_module, reconcile, rules as rules_module
 from certrelay import spool as spool_module, state, status
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,8 @@ class Outcome:
     failed: int = 0
     verified: int = 0
     unverified: int = 0
-    expiring: int = 0
+    expiring: int = 0  # certificates below expiry-warning alarmed now (once a day each)
+    below_warning: int = 0  # all certificates below expiry-warning
     dry_run: bool = False
     deferred_until: float = None
 
@@ -52,7 +53,7 @@ class Outcome:
 
     def summary(self):
         """Return one line a person can read, e.g. for the daemon's STATUS=."""
-        if not (self.notifications or self.unannounced or self.quarantined or self.expiring):
+        if not (self.notifications or self.unannounced or self.quarantined or self.below_warning):
             return "nothing pending"
         parts = [f"{self.notifications} notification(s)"]
         if self.unannounced:
@@ -66,7 +67,7 @@ class Outcome:
             (self.kept, "kept for retry"), (self.deferred, "deferred by min-interval"),
             (self.unchanged, "unchanged"), (self.unmatched, "matched no rule"),
             (self.unreadable, "without a readable certificate"), (self.quarantined, "quarantined"),
-            (self.expiring, "certificate(s) close to expiry"),
+            (self.below_warning, "certificate(s) close to expiry"),
         ):
             if count:
                 parts.append(f"{count} {words}")
@@ -101,6 +102,8 @@ class Batch:
             state.Store(state_dir, name) for name in ("progress.json", "ledger.json", "units.json")
         )
         self.recorder = status.Recorder(state_dir)
+        self.scanner = lineages.Scanner(self.config_dir, state_dir)
+        self.scanned = None  # every lineage under live/, read once per batch
         self.fingerprints = {}  # entry -> fingerprint of the live certificate
         self.said = {"drop": "dropped", "skip": "skipped", "defer": "deferred"}
         if dry_run:
@@ -126,7 +129,11 @@ class Batch:
             self.drop(notification)
         ready = self.not_deferred(plan.actions, outcome)
         outcome.actions = len(ready)
-        results = execute.apply(ready, self.rules.settings["timeout"], self.config_dir, self.dry_run)
+        results = {}
+        if ready:
+            from certrelay import execute  # subprocess: only batches with something to do pay for it
+
+            results = execute.apply(ready, self.rules.settings["timeout"], self.config_dir, self.dry_run)
         checks = self.checks_ready(changed, plan, done, results)
         if self.dry_run:
             for check in checks:
@@ -140,9 +147,11 @@ class Batch:
         outcome.failed = sum(not result.ok for result in results.values())
         verdicts = self.verify(checks, ready, results, outcome)
         self.settle_notifications(changed, plan, done, results, verdicts, outcome)
-        outcome.expiring = len(self.expiry_alarms())
+        alarmed, below = status.expiry_alarms(self.scanned, self.rules, self.recorder)
+        outcome.expiring, outcome.below_warning = len(alarmed), len(below)
         for store in (self.progress, self.ledger, self.unit_times):
             store.save()
+        self.scanner.save()
         self.recorder.finished(now, self.spool)
         if self.rules.settings["metrics"]:
             status.write_metrics(self.rules.settings["metrics"], status.snapshot(self.config_dir, self.rules, self.state_dir))
@@ -174,8 +183,9 @@ class Batch:
 
     def unannounced(self, changed, outcome):
         """Return notifications standing in for lineages renewed without one (reconcile)."""
-        found = reconcile.find(self.config_dir, self.rules, self.ledger, {n.name for n in changed},
-                               self.progress.data, self.dry_run, self.state_dir)
+        self.scanned = self.scanner.scan()
+        found = reconcile.find(self.scanned, self.config_dir, self.rules, self.ledger, {n.name for n in changed},
+                               self.progress.data, self.dry_run)
         for notification, fingerprint in found:
             self.fingerprints[notification.entry] = fingerprint
         outcome.unannounced = len(found)
@@ -259,9 +269,3 @@ class Batch:
                                notification.name, self.spool.claimed)
             else:
                 outcome.deferred += 1
-
-    def expiry_alarms(self):
-        """Check every selected live certificate against the expiry thresholds; log an
-        error for each below the warning at most once a day per lineage; return the
-        names alarmed now."""
-        return status.expiry_alarms(self.config_dir, self.rules, self.recorder)

@@ -14,11 +14,11 @@ import time
 
 import click
 
-from certrelay import __version__, batch, execute, hook as hook_module, state
-from certrelay import plan as plan_module, rules as rules_module, spool as spool_module
+# Only what every command needs; each command imports the rest, so that a cron line
+# that finds nothing to do starts about as fast as click itself.
+from certrelay import __version__, rules as rules_module
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_CONFIG = 0, 1, 2
-HOOK_NAME = hook_module.HOOK_NAME
 logger = logging.getLogger("certrelay")
 
 
@@ -106,6 +106,7 @@ def main():
 @click.option("--force", is_flag=True, help="Act even on certificates that did not change since the last action.")
 def run(config_dir, rules_path, state_dir, dry_run, empty_queue_on_error, force):
     """Process every pending notification once (for cron and the path unit)."""
+    from certrelay import batch, spool as spool_module, state
 
     def keep_for_later():
         try:
@@ -143,6 +144,8 @@ def run(config_dir, rules_path, state_dir, dry_run, empty_queue_on_error, force)
 @click.option("--rules-only", is_flag=True, help="Check only the rules file (for ExecStartPre= and ExecReload=).")
 def check(config_dir, rules_path, state_dir, rules_only):
     """Validate the rules file and the setup; exit 0 if usable, 2 if not."""
+    from certrelay import hook as hook_module, spool as spool_module
+
     rules = load_rules(rules_path, config_dir)
     if rules_only:
         logger.info("%s: ok, %d rule(s)", rules_path, len(rules.rules))
@@ -181,17 +184,20 @@ def check(config_dir, rules_path, state_dir, rules_only):
 
 
 def install_problems(rules, config_dir):
-    """Return a message for each install destination (of the lineages under live/
-    its rule selects, or its fixed part) that could not be written safely."""
-    from certrelay import install, lineages
+    """Return a message for each install destination (for each lineage under live/
+    its rule selects, else with NAME for {name}) that could not be written safely."""
+    from certrelay import install, lineages, plan as plan_module, spool as spool_module
 
     problems = []
-    names = lineages.names(config_dir)
+    scanned = lineages.Scanner(config_dir, None).scan() if any(rule.install for rule in rules.rules) else []
     for rule in rules.rules:
         for specification in rule.install:
-            selected = [name for name in names if rule.selects(name, ())] or ["NAME"]
-            paths = {specification.destination({"name": name, "lineage": os.path.join(config_dir, "live", name),
-                                                "domains": ""}) for name in selected}
+            selected = [lineage for lineage in scanned if rule.selects(lineage.name, lineage.domains)]
+            notifications = [spool_module.Notification(entry="", name=lineage.name, lineage="",
+                                                       domains=tuple(lineage.domains), time="")
+                             for lineage in selected] or [spool_module.Notification("", "NAME", "", (), "")]
+            paths = {specification.destination(plan_module.placeholder_values(notification, config_dir))
+                     for notification in notifications}
             for path in sorted(paths):
                 problems += [f"{rules.path}:{specification.line}: {problem}"
                              for problem in install.destination_problems(specification, path)]
@@ -200,6 +206,8 @@ def install_problems(rules, config_dir):
 
 def unit_problems(rules):
     """Return a message for each unit of `rules` that systemd does not know."""
+    from certrelay import execute
+
     if shutil.which("systemctl") is None:
         return ["systemctl not found on PATH, but systemd is running"]
     units = sorted({unit for rule in rules.rules for _, unit in rule.units})
@@ -222,6 +230,8 @@ def explain(config_dir, rules_path, state_dir, name, domains):
     The certificate's DOMAINS come from the arguments, else from its pending
     notification, else none.
     """
+    from certrelay import plan as plan_module, spool as spool_module
+
     rules = load_rules(rules_path, config_dir)
     if not domains:
         with spool_module.Spool(config_dir).opened() as spool:
@@ -267,6 +277,8 @@ def install_hook(config_dir, force):
     certbot then runs it after every renewal. Run it again after an upgrade when
     `certrelay check` says the hook is outdated.
     """
+    from certrelay import hook as hook_module
+
     setup_logging(False, False)
     try:
         path, outcome = hook_module.install(config_dir, force)
@@ -302,7 +314,7 @@ def verify(config_dir, rules_path, state_dir, as_json, nagios, names):
 
     Exit 0 when all are current, 1 when any is not, 2 on a configuration error.
     """
-    from certrelay import report, status, verify as verify_module
+    from certrelay import plan as plan_module, report, spool as spool_module, status, verify as verify_module
 
     if nagios:
         try:

@@ -8,9 +8,9 @@ in STATE_DIR/lineages.json; a lost cache only costs reading again.
 """
 
 import dataclasses
+import functools
 import logging
 import os
-import stat
 
 from certrelay import certificate, spool, state
 
@@ -20,55 +20,66 @@ logger = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class Lineage:
     """One live/NAME: `fingerprint` (SHA-256 of cert.pem's bytes, as the ledger keeps
-    it) and `info` (certinfo.CertInfo), or `error` saying why they are unknown."""
+    it) and `facts` (certinfo.CertInfo.to_json() of its certificate), or `error`
+    saying why they are unknown. `info` makes the CertInfo only when asked: at ten
+    thousand lineages, most runs need only the dates and the fingerprint."""
 
     name: str
     fingerprint: str = None
-    info: object = None
+    facts: dict = None
     error: str = None
+
+    @functools.cached_property
+    def info(self):
+        from certrelay import certinfo
+
+        return certinfo.CertInfo.from_json(self.facts) if self.facts else None
 
     @property
     def domains(self):
-        return self.info.domains if self.info else ()
+        return tuple(self.facts["domains"]) if self.facts else ()
+
+    @property
+    def not_before(self):
+        return self.facts["not_before"]
+
+    @property
+    def not_after(self):
+        return self.facts["not_after"]
 
 
-def names(config_dir):
-    """Return the sorted lineage names under live/ that are valid notification names.
-
-    live/ must be a plain directory; anything else gives [] (the container writes it).
-    """
+def open_live(config_dir):
+    """Return a descriptor of CONFIG_DIR/live, or None if it is missing or not a plain
+    directory (the container writes it)."""
     try:
-        descriptor = os.open(os.path.join(config_dir, "live"), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return os.open(os.path.join(config_dir, "live"), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
-        return []
-    try:
-        return sorted(
-            name for name in os.listdir(descriptor)
-            if spool.NAME.fullmatch(name) and is_directory(name, descriptor)  # not certbot's live/README
-        )
-    finally:
-        os.close(descriptor)
+        return None
 
 
-def is_directory(name, directory):
-    """Return True if `name` in the directory descriptor `directory` is a directory (not a link)."""
-    try:
-        return stat.S_ISDIR(os.stat(name, dir_fd=directory, follow_symlinks=False).st_mode)
-    except OSError:
-        return False
+def names(live):
+    """Return the sorted names in the live/ descriptor `live` that are valid
+    notification names (certbot's live/README too: `Scanner` leaves out what is not
+    a directory)."""
+    return sorted(name for name in os.listdir(live) if spool.NAME.fullmatch(name))
 
 
-def stat_key(config_dir, name):
-    """Return what changes when certbot renews live/NAME/cert.pem: the link's target
-    and the target's identity, size and time. stat() opens nothing, so following the
-    link here is safe; reading it is done by certificate.read_beneath."""
-    path = os.path.join(config_dir, "live", name, "cert.pem")
-    try:
-        link = os.readlink(path)
-    except OSError:
-        link = ""
-    info = os.stat(path)
-    return [link, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
+def stat_key(live, name):
+    """Return what changes when certbot renews NAME/cert.pem below the live/ descriptor
+    `live`: the identity, size and times of the file its link leads to (a renewal
+    links a new file). stat() opens nothing, so following the link here is safe;
+    reading it is done by certificate.read_beneath."""
+    info = os.stat(f"{name}/cert.pem", dir_fd=live)
+    return [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
+
+
+def valid_facts(facts):
+    """Return True if a cached entry's `facts` has what `Lineage` reads from it (the
+    rest is checked when `info` is made)."""
+    return (
+        isinstance(facts, dict) and isinstance(facts.get("domains"), list)
+        and all(isinstance(facts.get(key), float) for key in ("not_before", "not_after"))
+    )
 
 
 class Scanner:
@@ -77,38 +88,52 @@ class Scanner:
 
     def __init__(self, config_dir, state_dir):
         self.config_dir = config_dir
-        self.cache = state.Store(state_dir, "lineages.json") if state_dir else None
+        self.cache = state.Store(state_dir, "lineages.json", tracked=True) if state_dir else None
         self.entries = self.cache.data if self.cache else {}
 
-    def lineage(self, name):
-        """Return the `Lineage` for live/NAME (reading and parsing only what changed)."""
-        from certrelay import certinfo  # cheap: cryptography is imported only to parse
-
+    def lineage(self, name, live, certinfo):
+        """Return the `Lineage` for live/NAME (reading and parsing only what changed),
+        or None if live/NAME is not a directory; `live` is the live/ descriptor,
+        `certinfo` the module, imported once per scan."""
         cached = self.entries.get(name)
         try:
-            key = stat_key(self.config_dir, name)
+            key = stat_key(live, name)
+        except NotADirectoryError:
+            return None  # not a lineage: certbot's live/README
         except OSError as error:
             return Lineage(name, error=f"live/{name}/cert.pem: {error.strerror}")
-        if isinstance(cached, dict) and cached.get("key") == key:
-            try:
-                return Lineage(name, cached["fingerprint"], certinfo.CertInfo.from_json(cached["info"]))
-            except (KeyError, TypeError, ValueError):
-                pass
+        if isinstance(cached, dict) and cached.get("key") == key and valid_facts(cached.get("info")):
+            return Lineage(name, cached["fingerprint"], cached["info"])
         try:
             data = certificate.live_certificate(self.config_dir, name)
             info = certinfo.from_pem(data)
         except (certificate.CertificateError, certinfo.CertificateParseError) as error:
             return Lineage(name, error=str(error))
-        found = Lineage(name, certificate.hashlib.sha256(data).hexdigest(), info)
-        self.entries[name] = {"key": key, "fingerprint": found.fingerprint, "info": info.to_json()}
+        found = Lineage(name, certificate.hashlib.sha256(data).hexdigest(), info.to_json())
+        self.entries[name] = {"key": key, "fingerprint": found.fingerprint, "info": found.facts}
+        self.changed()
         return found
 
     def scan(self):
         """Return a `Lineage` for every name under live/, in name order."""
-        found = [self.lineage(name) for name in names(self.config_dir)]
+        live = open_live(self.config_dir)
+        try:
+            found = names(live) if live is not None else []
+            if found:
+                from certrelay import certinfo  # cheap: cryptography is imported only to parse
+
+                found = [lineage for lineage in (self.lineage(name, live, certinfo) for name in found) if lineage]
+        finally:
+            if live is not None:
+                os.close(live)
         for gone in set(self.entries) - {lineage.name for lineage in found}:
             del self.entries[gone]
+            self.changed()
         return found
+
+    def changed(self):
+        if self.cache is not None:
+            self.cache.changed = True
 
     def save(self):
         if self.cache is None:

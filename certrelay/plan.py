@@ -102,8 +102,6 @@ def make_plan(notifications, rules, config_dir, done=None):
     those are not needed again. `config_dir` fills the {lineage} placeholder with the
     host's path of the live directory.
     """
-    from certrelay import probe  # only batches with endpoints pay for it
-
     done = done or {}
     strength = {verb: index for index, verb in enumerate(rules_module.UNIT_VERBS)}
     builder = Builder()
@@ -120,6 +118,8 @@ def make_plan(notifications, rules, config_dir, done=None):
             keys = builder.add_rule(rule, notification.name, values, already)
             needed |= keys
             for endpoint in rule.verify:
+                from certrelay import probe  # only rules with endpoints pay for it
+
                 check = Check(
                     notification.name, endpoint, probe.server_name(endpoint, notification.domains),
                     rule.units, rule.escalate, frozenset(keys),

@@ -10,7 +10,7 @@ nothing, unless a `verify` endpoint of its rules shows it is not current.
 
 import logging
 
-from certrelay import lineages, spool
+from certrelay import spool
 
 logger = logging.getLogger(__name__)
 
@@ -18,22 +18,22 @@ ENTRY_SUFFIX = "@reconcile"  # the entry of a notification reconcile made (no fi
 FIRST_SIGHT_TIMEOUT = 5.0  # seconds to probe the endpoints of a lineage seen for the first time
 
 
-def find(config_dir, rules, ledger, announced, progress, dry_run, state_dir=None):
-    """Return [(Notification, fingerprint)] for the lineages selected by `rules` whose
-    live certificate differs from `ledger.data` (name -> fingerprint) and that no
-    notification in `announced` (names) covers, plus those kept from an earlier
-    reconcile (entries in `progress`). Record first-seen lineages in the ledger
-    (unless `dry_run`).
+def find(scanned, config_dir, rules, ledger, announced, progress, dry_run):
+    """Return [(Notification, fingerprint)] for the lineages of `scanned`
+    (lineages.Lineage) selected by `rules` whose live certificate differs from
+    `ledger.data` (name -> fingerprint) and that no notification in `announced` (names)
+    covers, plus those kept from an earlier reconcile (entries in `progress`). Record
+    first-seen lineages in the ledger (unless `dry_run`).
     """
-    scanner = lineages.Scanner(config_dir, state_dir or ledger.path.rpartition("/")[0])
     found, first_seen = [], []
-    for lineage in scanner.scan():
+    for lineage in scanned:
         name = lineage.name
-        if name in announced or lineage.error or not rules.matching(name, lineage.domains):
+        if name in announced or lineage.error:
             continue
         entry = name + ENTRY_SUFFIX
         recorded = ledger.data.get(name)
-        if recorded == lineage.fingerprint and entry not in progress:
+        # Unchanged first: a dict look-up, where matching the rules is not.
+        if recorded == lineage.fingerprint and entry not in progress or not rules.matching(name, lineage.domains):
             continue
         if recorded is None and entry not in progress:
             first_seen.append(lineage)
@@ -51,8 +51,6 @@ def find(config_dir, rules, ledger, announced, progress, dry_run, state_dir=None
         elif not dry_run:
             logger.info("%s: seen for the first time; recorded, nothing done", lineage.name)
             ledger.data[lineage.name] = lineage.fingerprint
-    if not dry_run:
-        scanner.save()
     return found
 
 

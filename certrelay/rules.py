@@ -12,7 +12,7 @@ import stat
 import string
 import tomllib
 
-from certrelay import certinfo, install as install_module, probe
+from certrelay import durations, matcher
 
 #: Unit actions, weakest first: per unit the strongest requested one wins.
 UNIT_VERBS = ("reload", "reload-or-restart", "restart")
@@ -85,8 +85,9 @@ class Rules:
     settings: dict
 
     def matching(self, name, domains):
-        """Return the rules that select the certificate `name` covering `domains`."""
-        return [rule for rule in self.rules if rule.selects(name, domains)]
+        """Return the rules that select the certificate `name` covering `domains`, in
+        file order (the same as each Rule.selects, through an index built once)."""
+        return matcher.for_rules(self).matching(name, domains)
 
 
 def domain_matches(pattern, domain):
@@ -228,11 +229,11 @@ def parse(data, path="rules.toml", config_dir=None):
 def parse_settings(table, locator, problem):
     """Return the settings with defaults filled in; report bad values through `problem`.
 
-    Durations become seconds (float), thresholds `certinfo.Threshold`s, `metrics` a
+    Durations become seconds (float), thresholds `durations.Threshold`s, `metrics` a
     path or None.
     """
     settings = {key: default for key, (default, _, _) in SETTINGS.items()}
-    settings.update({key: certinfo.parse_threshold(value) for key, value in THRESHOLDS.items()})
+    settings.update({key: durations.parse_threshold(value) for key, value in THRESHOLDS.items()})
     settings["metrics"] = None
     if not isinstance(table, dict):
         problem(locator.top_level("settings"), "'settings' must be a table: [settings]")
@@ -243,7 +244,7 @@ def parse_settings(table, locator, problem):
         if key in SETTINGS:
             _, low, high = SETTINGS[key]
             try:
-                seconds = certinfo.parse_duration(value)
+                seconds = durations.parse_duration(value)
             except ValueError as error:
                 problem(line, f"setting {key!r}: {error}")
                 continue
@@ -253,7 +254,7 @@ def parse_settings(table, locator, problem):
                 settings[key] = seconds
         elif key in THRESHOLDS:
             try:
-                settings[key] = certinfo.parse_threshold(value)
+                settings[key] = durations.parse_threshold(value)
             except ValueError as error:
                 problem(line, f"setting {key!r}: {error}")
         elif key == "metrics":
@@ -307,16 +308,19 @@ def parse_rule(table, index, locator, problem, config_dir=None):
     if precheck and not units:
         problem(line("precheck"), "'precheck' guards unit actions, but this rule has none; drop it or add one")
     verify = []
-    for text in strings("verify"):
-        try:
-            verify.append(probe.parse_endpoint(text))
-        except probe.EndpointError as error:
-            problem(line("verify"), f"verify endpoint {text[:200]!r}: {error}")
+    if table.get("verify"):
+        from certrelay import probe  # sockets and TLS: only rules with endpoints pay for them
+
+        for text in strings("verify"):
+            try:
+                verify.append(probe.parse_endpoint(text))
+            except probe.EndpointError as error:
+                problem(line("verify"), f"verify endpoint {text[:200]!r}: {error}")
     escalate = table.get("escalate", True)
     if not isinstance(escalate, bool):
         problem(line("escalate"), "'escalate' must be true or false")
         escalate = True
-    installs = parse_installs(table.get("install", []), index, locator, problem, config_dir)
+    installs = parse_installs(table["install"], index, locator, problem, config_dir) if "install" in table else ()
     if not table.get("match") and not table.get("domains"):
         problem(start, "rule selects nothing: add match = [...] (lineage names) or domains = [...]")
     if not any(table.get(key) for key in ACTION_KEYS):
@@ -329,6 +333,8 @@ def parse_rule(table, index, locator, problem, config_dir=None):
 
 def parse_installs(tables, index, locator, problem, config_dir):
     """Return the rule's `[[rule.install]]` tables as `install.Install`s; report problems."""
+    from certrelay import install as install_module  # only rules with installs pay for it
+
     if not isinstance(tables, list):
         problem(locator.rule_key(index, "install"), "'install' must be written as [[rule.install]] tables")
         return ()

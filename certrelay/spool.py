@@ -201,11 +201,13 @@ class Spool:
             try:
                 limit = time.time() - max_age
                 for name in os.listdir(tmp):
-                    info = os.stat(name, dir_fd=tmp, follow_symlinks=False)
-                    if not stat.S_ISDIR(info.st_mode) and info.st_mtime < limit:
-                        with contextlib.suppress(FileNotFoundError):
+                    try:  # a hook may rename its file into the queue at any moment
+                        info = os.stat(name, dir_fd=tmp, follow_symlinks=False)
+                        if not stat.S_ISDIR(info.st_mode) and info.st_mtime < limit:
                             os.unlink(name, dir_fd=tmp)
                             removed.append(name)
+                    except FileNotFoundError:
+                        continue
             finally:
                 os.close(tmp)
         except NotADirectory:

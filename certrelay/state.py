@@ -38,10 +38,15 @@ def locked(state_dir):
 
 
 class Store:
-    """One JSON object in the state dir: `data` (a dict), `save()` writes it atomically."""
+    """One JSON object in the state dir: `data` (a dict), `save()` writes it atomically.
 
-    def __init__(self, state_dir, name):
+    With `tracked`, the owner sets `changed` when it changes `data` (a large cache
+    then costs no comparison); otherwise `save()` compares with what was read.
+    """
+
+    def __init__(self, state_dir, name, tracked=False):
         self.path = os.path.join(state_dir, name)
+        self.tracked, self.changed = tracked, False
         try:
             with open(self.path, encoding="utf-8") as file:
                 self.data = json.load(file)
@@ -52,11 +57,11 @@ class Store:
         except (OSError, ValueError) as error:
             logger.warning("ignoring unreadable state file %s: %s", self.path, error)
             self.data = {}
-        self.saved = json.dumps(self.data, sort_keys=True)
+        self.saved = None if tracked else json.dumps(self.data, sort_keys=True)
 
     def save(self):
         """Write `data`, if it changed, to a temp file, fsync it, rename it over the old one."""
-        if json.dumps(self.data, sort_keys=True) == self.saved:
+        if not self.changed if self.tracked else json.dumps(self.data, sort_keys=True) == self.saved:
             return
         temporary = f"{self.path}.tmp"
         with open(temporary, "w", encoding="utf-8") as file:
@@ -64,4 +69,6 @@ class Store:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, self.path)
-        self.saved = json.dumps(self.data, sort_keys=True)
+        self.changed = False
+        if not self.tracked:
+            self.saved = json.dumps(self.data, sort_keys=True)

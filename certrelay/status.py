@@ -11,7 +11,7 @@ import logging
 import os
 import time
 
-from certrelay import lineages, spool as spool_module, state
+from certrelay import durations, lineages, spool as spool_module, state
 
 logger = logging.getLogger(__name__)
 
@@ -93,22 +93,24 @@ class Recorder:
         self.store.save()
 
 
-def expiry_alarms(config_dir, rules, recorder, quiet=False):
-    """Log an error for every live certificate selected by `rules` that is below the
-    expiry warning, at most once a day per lineage (never when `quiet`).
+def expiry_alarms(scanned, rules, recorder):
+    """Log an error for every live certificate of `scanned` (lineages.Lineage)
+    selected by `rules` that is below the expiry warning, at most once a day per
+    lineage.
 
-    Return the names alarmed now: `run` exits 1 for them, so cron mails once a day.
+    Return (the names alarmed now, the names below the warning): `run` exits 1 for the
+    first, so that cron mails once a day; the daemon's STATUS counts the second.
     """
-    from certrelay import certinfo
-
-    now, alarmed = time.time(), []
+    now, alarmed, below = time.time(), [], []
     settings = rules.settings
-    scanner = lineages.Scanner(config_dir, recorder.state_dir)
-    for lineage in scanner.scan():
-        if lineage.info is None or not rules.matching(lineage.name, lineage.domains):
+    for lineage in scanned:
+        if lineage.facts is None:
             continue
-        level = certinfo.level(lineage.info, now, settings["expiry-warning"], settings["expiry-critical"])
-        if level == "ok" or quiet or now - recorder.data["alarms"].get(lineage.name, 0) < ALARM_EVERY:
+        level = durations.level(lineage, now, settings["expiry-warning"], settings["expiry-critical"])
+        if level == "ok" or not rules.matching(lineage.name, lineage.domains):
+            continue
+        below.append(lineage.name)
+        if now - recorder.data["alarms"].get(lineage.name, 0) < ALARM_EVERY:
             continue
         recorder.data["alarms"][lineage.name] = now
         alarmed.append(lineage.name)
@@ -120,15 +122,12 @@ def expiry_alarms(config_dir, rules, recorder, quiet=False):
             " error, then run certbot renew", lineage.name, state_words, level,
             time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(lineage.info.not_after)),
         )
-    scanner.save()
-    return alarmed
+    return alarmed, below
 
 
 def snapshot(config_dir, rules, state_dir, error=None):
     """Return the snapshot dict documented in report.py for `config_dir` under
     `rules` (None with `error` when the rules cannot be read)."""
-    from certrelay import certinfo
-
     now = time.time()
     data = state.Store(state_dir, "status.json").data if os.path.isdir(state_dir) else {}
     taken = {"time": now, "last_run": data.get("last_run"), "error": error, "certificates": [], "units": [],
@@ -165,7 +164,7 @@ def snapshot(config_dir, rules, state_dir, error=None):
         else:
             state_word = "unknown"
         taken["certificates"].append(certificate_entry(
-            lineage, state_word, rules.settings, now, data, failures, attempts, certinfo,
+            lineage, state_word, rules.settings, now, data, failures, attempts,
         ))
     for entry in claimed:
         key = "kept" if kept.get(entry) else "deferred"
@@ -174,7 +173,7 @@ def snapshot(config_dir, rules, state_dir, error=None):
     return taken
 
 
-def certificate_entry(lineage, state_word, settings, now, data, failures, attempts, certinfo):
+def certificate_entry(lineage, state_word, settings, now, data, failures, attempts):
     """Return the snapshot's dict for one lineage."""
     info = lineage.info
     entry = {
@@ -192,7 +191,7 @@ def certificate_entry(lineage, state_word, settings, now, data, failures, attemp
         entry.update(
             sha256=info.sha256, serial=info.serial, not_before=info.not_before, not_after=info.not_after,
             days_left=info.days_left(now), fraction_left=info.fraction_left(now),
-            level=certinfo.level(info, now, warning, critical),
+            level=durations.level(info, now, warning, critical),
             warning_days=warning.seconds(info.lifetime) / 86400, critical_days=critical.seconds(info.lifetime) / 86400,
         )
         if entry["acted"]:

@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import time
 
-from certrelay import certificate, execute, probe
+from certrelay import certificate, durations, execute, probe
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def expiry_alarm(verdict, settings):
     except certinfo.CertificateParseError:
         return
     now = time.time()
-    level = certinfo.level(info, now, settings["expiry-warning"], settings["expiry-critical"])
+    level = durations.level(info, now, settings["expiry-warning"], settings["expiry-critical"])
     if level != "ok":
         logger.error("%s serves a certificate that expires in %.1f days (%s): see to it before clients refuse it",
                      verdict.check.endpoint.url, info.days_left(now), level)

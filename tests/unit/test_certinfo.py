@@ -13,8 +13,9 @@ import warnings
 
 import pytest
 
-from certrelay import certinfo
-from certrelay.certinfo import CertInfo, CertificateParseError, Threshold
+from certrelay import certinfo, durations
+from certrelay.certinfo import CertInfo, CertificateParseError
+from certrelay.durations import Threshold
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NOW = 1764300000  # 2025-11-28 03:20:00 UTC
@@ -234,29 +235,29 @@ EIGHTEEN_DAYS, NINE_DAYS = Threshold(duration=18 * DAY), Threshold(duration=9 * 
 def test_level_at_and_around_the_thresholds_of_a_90_day_certificate(warning, critical, seconds_left, expected):
     certificate = CertInfo("0" * 64, "01", NOW + seconds_left - 90 * DAY, NOW + seconds_left)
 
-    assert certinfo.level(certificate, NOW, warning, critical) == expected
+    assert durations.level(certificate, NOW, warning, critical) == expected
 
 
 def test_fractions_scale_with_the_lifetime_and_durations_do_not(six_days):
     short = certinfo.from_pem(six_days[0])  # 4 of 6 days left
 
-    assert certinfo.level(short, NOW, FIFTH, TENTH) == "ok"
-    assert certinfo.level(short, NOW, EIGHTEEN_DAYS, NINE_DAYS) == "critical"
-    assert certinfo.level(short, NOW + 3 * DAY, FIFTH, TENTH) == "warning"  # 1 day: 1/6 left
-    assert certinfo.level(short, NOW + 3.5 * DAY, FIFTH, TENTH) == "critical"  # 1/12 left
+    assert durations.level(short, NOW, FIFTH, TENTH) == "ok"
+    assert durations.level(short, NOW, EIGHTEEN_DAYS, NINE_DAYS) == "critical"
+    assert durations.level(short, NOW + 3 * DAY, FIFTH, TENTH) == "warning"  # 1 day: 1/6 left
+    assert durations.level(short, NOW + 3.5 * DAY, FIFTH, TENTH) == "critical"  # 1/12 left
 
 
 def test_expired_is_critical_even_with_zero_thresholds(expired):
     zero = Threshold(duration=0.0)
 
-    assert certinfo.level(certinfo.from_pem(expired[0]), NOW, zero, zero) == "critical"
-    assert certinfo.level(info(days_left=1), NOW, zero, zero) == "ok"
+    assert durations.level(certinfo.from_pem(expired[0]), NOW, zero, zero) == "critical"
+    assert durations.level(info(days_left=1), NOW, zero, zero) == "ok"
 
 
 def test_the_real_certificates_levels(ninety_days, expired):
-    assert certinfo.level(certinfo.from_pem(ninety_days[0]), NOW, FIFTH, TENTH) == "critical"
-    assert certinfo.level(certinfo.from_pem(ninety_days[0]), NOW - 5 * DAY, FIFTH, TENTH) == "warning"
-    assert certinfo.level(certinfo.from_pem(expired[0]), NOW, FIFTH, TENTH) == "critical"
+    assert durations.level(certinfo.from_pem(ninety_days[0]), NOW, FIFTH, TENTH) == "critical"
+    assert durations.level(certinfo.from_pem(ninety_days[0]), NOW - 5 * DAY, FIFTH, TENTH) == "warning"
+    assert durations.level(certinfo.from_pem(expired[0]), NOW, FIFTH, TENTH) == "critical"
 
 
 # --- thresholds -------------------------------------------------------------------
@@ -270,12 +271,12 @@ def test_the_real_certificates_levels(ninety_days, expired):
     ],
 )
 def test_parse_threshold(value, seconds):
-    assert certinfo.parse_threshold(value).seconds(90 * DAY) == pytest.approx(seconds)
+    assert durations.parse_threshold(value).seconds(90 * DAY) == pytest.approx(seconds)
 
 
 def test_threshold_kinds_and_text():
-    assert certinfo.parse_threshold(0.2) == Threshold(fraction=0.2)
-    assert certinfo.parse_threshold("18d") == Threshold(duration=18 * DAY)
+    assert durations.parse_threshold(0.2) == Threshold(fraction=0.2)
+    assert durations.parse_threshold("18d") == Threshold(duration=18 * DAY)
     assert str(Threshold(fraction=0.2)) == "0.2 of the lifetime"
     assert str(Threshold(duration=18 * DAY)) == "18d"
 
@@ -290,7 +291,7 @@ def test_threshold_kinds_and_text():
 )
 def test_parse_threshold_refuses(value, message):
     with pytest.raises(ValueError, match=message):
-        certinfo.parse_threshold(value)
+        durations.parse_threshold(value)
 
 
 # --- durations --------------------------------------------------------------------
@@ -313,7 +314,7 @@ def test_parse_threshold_refuses(value, message):
     ],
 )
 def test_parse_duration(value, seconds):
-    assert certinfo.parse_duration(value) == pytest.approx(seconds)
+    assert durations.parse_duration(value) == pytest.approx(seconds)
 
 
 @pytest.mark.parametrize(
@@ -338,7 +339,7 @@ def test_parse_duration(value, seconds):
 )
 def test_parse_duration_refuses_naming_the_bad_part(value, message):
     with pytest.raises(ValueError, match=message) as raised:
-        certinfo.parse_duration(value)
+        durations.parse_duration(value)
     if isinstance(value, str) and value.strip():
         assert "min" in str(raised.value) and "M/month" in str(raised.value)  # the units accepted
 

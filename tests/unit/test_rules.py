@@ -4,13 +4,13 @@ import os
 
 import pytest
 
-from certrelay import certinfo, rules
+from certrelay import durations, rules
 from tests.writeup import WRITE_UP_RULES
 
 EXAMPLE = WRITE_UP_RULES
 DEFAULT_SETTINGS = {
     **{key: default for key, (default, _, _) in rules.SETTINGS.items()},
-    "expiry-warning": certinfo.Threshold(fraction=0.2), "expiry-critical": certinfo.Threshold(fraction=0.1),
+    "expiry-warning": durations.Threshold(fraction=0.2), "expiry-critical": durations.Threshold(fraction=0.1),
     "metrics": None,
 }
 
@@ -108,8 +108,8 @@ def test_valid_unit_name_is_accepted_and_normalized(unit, normalized):
         ('timeout = "1h"\nsettle = "30s"', {"timeout": 3600.0, "settle": 30.0}),
         ('reconcile-interval = "15min"\nverify-timeout = "1min 30s"', {"reconcile-interval": 900.0, "verify-timeout": 90.0}),
         ('expiry-warning = "20d"\nexpiry-critical = 0.05', {
-            "expiry-warning": certinfo.Threshold(duration=20 * 86400.0),
-            "expiry-critical": certinfo.Threshold(fraction=0.05),
+            "expiry-warning": durations.Threshold(duration=20 * 86400.0),
+            "expiry-critical": durations.Threshold(fraction=0.05),
         }),
         ('metrics = "/var/lib/prometheus/node-exporter/certrelay.prom"',
          {"metrics": "/var/lib/prometheus/node-exporter/certrelay.prom"}),
