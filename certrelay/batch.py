@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import time
 
-from certrelay import certificate, lineages, plan as plan_module, reconcile, rules as rules_module
+from certrelay import certificate, lineages, reconcile, rules as rules_module
 from certrelay import spool as spool_module, state, status
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,11 @@ class Batch:
         changed += self.unannounced(changed, outcome)
         outcome.notifications = len(notifications)
         done = {entry: set(keys) for entry, keys in self.progress.data.items()}
+        if not changed:  # the common case of cron and retry timers: nothing to plan
+            self.progress.data = {}  # nothing is kept: what was kept is in `changed`
+            return self.finish(outcome, time.time())
+        from certrelay import plan as plan_module
+
         plan = plan_module.make_plan(changed, self.rules, self.config_dir, done)
         for notification in plan.unmatched:
             logger.warning("%s the notification for %s: no rule matches it", self.said["drop"], notification.name)
@@ -147,6 +152,12 @@ class Batch:
         outcome.failed = sum(not result.ok for result in results.values())
         verdicts = self.verify(checks, ready, results, outcome)
         self.settle_notifications(changed, plan, done, results, verdicts, outcome)
+        return self.finish(outcome, now)
+
+    def finish(self, outcome, now):
+        """Raise the expiry alarms, save the state, write the metrics; return `outcome`."""
+        if self.dry_run:
+            return outcome
         alarmed, below = status.expiry_alarms(self.scanned, self.rules, self.recorder)
         outcome.expiring, outcome.below_warning = len(alarmed), len(below)
         for store in (self.progress, self.ledger, self.unit_times):
@@ -231,7 +242,7 @@ class Batch:
         now = time.time()
         for unit, result in restarted.items():
             self.unit_times.data[unit] = now
-            self.recorder.action(plan_module.Action("restart", unit, ()), result, now)
+            self.recorder.unit_action("restart", unit, result, now)
         for verdict in verdicts:
             self.recorder.verdict(verdict, now)
         outcome.verified = sum(verdict.ok for verdict in verdicts)

@@ -7,7 +7,6 @@ opened before its kind is known), links resolved by hand and only inside the con
 dir, like openat2's RESOLVE_BENEATH, which Python does not offer.
 """
 
-import hashlib
 import os
 import re
 import stat
@@ -31,7 +30,7 @@ def fingerprint(config_dir, name):
     Raise CertificateError if it is missing, not a regular file, larger than
     MAX_CERTIFICATE, or reached only through a link leading out of `config_dir`.
     """
-    return hashlib.sha256(live_certificate(config_dir, name)).hexdigest()
+    return sha256(live_certificate(config_dir, name))
 
 
 def read_beneath(root, relative, limit):
@@ -80,6 +79,14 @@ def read_beneath(root, relative, limit):
             os.close(descriptor)
 
 
+def sha256(data):
+    """Return the SHA-256 hex digest of `data`. hashlib loads libcrypto: a run that
+    finds nothing to hash does not pay for it."""
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
 def live_certificate(config_dir, name):
     """Return the bytes of live/NAME/cert.pem under `config_dir` (see `fingerprint`)."""
     return read_beneath(config_dir, f"live/{name}/cert.pem", MAX_CERTIFICATE)
@@ -97,7 +104,7 @@ def der_fingerprint(pem):
         der = ssl.PEM_cert_to_DER_cert(match.group(0).decode("ascii"))
     except (ValueError, UnicodeDecodeError) as error:
         raise CertificateError(f"not a PEM certificate: {error}") from None
-    return hashlib.sha256(der).hexdigest()
+    return sha256(der)
 
 
 def archive_fingerprints(config_dir, name, limit=ARCHIVE_LIMIT):

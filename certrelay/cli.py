@@ -8,7 +8,6 @@ import functools
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 
@@ -207,6 +206,8 @@ def install_problems(rules, config_dir):
 def unit_problems(rules):
     """Return a message for each unit of `rules` that systemd does not know."""
     from certrelay import execute
+
+    import shutil
 
     if shutil.which("systemctl") is None:
         return ["systemctl not found on PATH, but systemd is running"]

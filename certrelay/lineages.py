@@ -109,7 +109,7 @@ class Scanner:
             info = certinfo.from_pem(data)
         except (certificate.CertificateError, certinfo.CertificateParseError) as error:
             return Lineage(name, error=str(error))
-        found = Lineage(name, certificate.hashlib.sha256(data).hexdigest(), info.to_json())
+        found = Lineage(name, certificate.sha256(data), info.to_json())
         self.entries[name] = {"key": key, "fingerprint": found.fingerprint, "info": found.facts}
         self.changed()
         return found

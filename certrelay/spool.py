@@ -13,7 +13,6 @@ following links or blocking, sizes are bounded, and contents are parsed strictly
 
 import contextlib
 import dataclasses
-import datetime
 import errno
 import os
 import re
@@ -89,6 +88,8 @@ def parse(data, name, entry=None):
     for domain in domains:
         if not DOMAIN.fullmatch(domain):
             raise InvalidNotification(f"bad domain {domain[:80]!r}")
+    import datetime  # only a batch with notifications pays for it
+
     try:
         datetime.datetime.fromisoformat(values["time"])
     except ValueError:

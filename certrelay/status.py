@@ -34,15 +34,25 @@ class Recorder:
 
     def action(self, action, result, now):
         """Record the `result` of a plan.Action done at `now`."""
-        target = " ".join(action.target) if isinstance(action.target, tuple) else action.target
-        outcome = "success" if result.ok else "failure"
         if action.verb == "install":
-            self.data["installs"].setdefault(action.payload[1], {})[target] = {
+            outcome = "success" if result.ok else "failure"
+            self.data["installs"].setdefault(action.payload[1], {})[action.target] = {
                 "result": outcome, "time": now, "detail": result.detail}
-        elif action.verb not in ("run", "precheck"):
-            self.data["units"][target] = {"verb": action.verb, "result": outcome, "time": now,
-                                          "error": None if result.ok else result.detail}
-        counter = "\t".join((target, action.verb, outcome))
+        if action.verb in ("run", "precheck", "install"):
+            target = " ".join(action.target) if isinstance(action.target, tuple) else action.target
+            self.count(target, action.verb, result)
+        else:
+            self.unit_action(action.verb, action.target, result, now)
+
+    def unit_action(self, verb, unit, result, now):
+        """Record the `result` of `systemctl VERB UNIT` done at `now`."""
+        outcome = "success" if result.ok else "failure"
+        self.data["units"][unit] = {"verb": verb, "result": outcome, "time": now,
+                                    "error": None if result.ok else result.detail}
+        self.count(unit, verb, result)
+
+    def count(self, target, verb, result):
+        counter = "\t".join((target, verb, "success" if result.ok else "failure"))
         self.data["actions_total"][counter] = self.data["actions_total"].get(counter, 0) + 1
 
     def verdict(self, verdict, now):
