@@ -68,8 +68,8 @@ def show_file(path, relative_to):
         say(f"    {line}")
 
 
-def certrelay(config_dir, rules, state_dir, *options, path=None, env_extra=None):
-    """Run `python3 -m certrelay run ...` with Debian's python3 and the repo on PYTHONPATH.
+def certrelay(config_dir, rules, state_dir, *options, path=None, env_extra=None, command="run"):
+    """Run `python3 -m certrelay COMMAND ...` with Debian's python3 and the repo on PYTHONPATH.
 
     Out: the CompletedProcess (stdout and stderr merged into stdout).
     """
@@ -77,11 +77,11 @@ def certrelay(config_dir, rules, state_dir, *options, path=None, env_extra=None)
     if path:
         env["PATH"] = path
     argv = [
-        "/usr/bin/python3", "-m", "certrelay", "run",
+        "/usr/bin/python3", "-m", "certrelay", command,
         "--config-dir", str(config_dir), "--rules", str(rules), "--state-dir", str(state_dir),
         *options,
     ]
-    say("$ " + " ".join(["python3", "-m", "certrelay", "run", "--config-dir", "$DEMO/letsencrypt",
+    say("$ " + " ".join(["python3", "-m", "certrelay", command, "--config-dir", "$DEMO/letsencrypt",
                          "--rules", "$DEMO/rules.toml", "--state-dir", "$DEMO/state", *options]))
     return subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
 
@@ -178,6 +178,13 @@ def main():
             say(f"  {call}")
         left = sorted(p.name for p in queue.iterdir()) if queue.is_dir() else []
         say(f"queue afterwards: {', '.join(left) if left else 'empty'}")
+
+        step("What an admin asks afterwards: certrelay status")
+        result = certrelay(config, rules, state, command="status")
+        say(result.stdout or "(no output)")
+        if result.returncode != 0:
+            say(f"certrelay status exited {result.returncode}")
+            ok = False
     finally:
         step("Clean up")
         if keep:
