@@ -103,7 +103,7 @@ class Batch:
         )
         self.recorder = status.Recorder(state_dir)
         self.scanner = lineages.Scanner(self.config_dir, state_dir)
-        self.scanned = None  # every lineage under live/, read once per batch
+        self.scanned, self.facts = None, {}  # every lineage under live/, read once per batch
         self.fingerprints = {}  # entry -> fingerprint of the live certificate
         self.said = {"drop": "dropped", "skip": "skipped", "defer": "deferred"}
         if dry_run:
@@ -195,6 +195,7 @@ class Batch:
     def unannounced(self, changed, outcome):
         """Return notifications standing in for lineages renewed without one (reconcile)."""
         self.scanned = self.scanner.scan()
+        self.facts = {lineage.name: lineage.facts for lineage in self.scanned}
         found = reconcile.find(self.scanned, self.config_dir, self.rules, self.ledger, {n.name for n in changed},
                                self.progress.data, self.dry_run)
         for notification, fingerprint in found:
@@ -253,6 +254,7 @@ class Batch:
         """Delete each notification whose every action and check succeeded (now or in
         an earlier run); keep the others with what they still need."""
         self.progress.data = {}
+        actions = {action.key: action for action in plan.actions}
         for notification in changed:
             if notification in plan.unmatched:
                 continue
@@ -267,13 +269,14 @@ class Batch:
                     succeeded -= check.actions  # the retry reruns the rule's actions, then verifies
             if needed <= succeeded:
                 self.ledger.data[notification.name] = self.fingerprints[entry]
-                self.recorder.acted(notification.name, time.time())
+                facts = self.facts.get(notification.name) or {}
+                self.recorder.acted(notification.name, time.time(), facts.get("sha256"))
                 self.spool.done(notification)
                 outcome.done += 1
                 continue
             self.progress.data[entry] = sorted(succeeded)
             failed = [key for key in needed - succeeded if key in results or key in verdicts]
-            self.recorder.kept(entry, notification.name, failed, results, verdicts)
+            self.recorder.kept(entry, notification.name, failed, results, verdicts, actions)
             if failed:
                 outcome.kept += 1
                 logger.warning("kept the notification for %s in %s; a later run retries what failed",

@@ -92,19 +92,23 @@ def live_certificate(config_dir, name):
     return read_beneath(config_dir, f"live/{name}/cert.pem", MAX_CERTIFICATE)
 
 
-def der_fingerprint(pem):
-    """Return the SHA-256 hex digest of the DER of the first certificate in the PEM
-    bytes `pem`, as a TLS client sees it; raise CertificateError if there is none."""
+def pem_to_der(pem):
+    """Return the DER of the first certificate in the PEM bytes `pem`, as a TLS client
+    sees it; raise CertificateError if there is none."""
     import ssl  # only verification needs it
 
     match = PEM_BLOCK.search(pem)
     if match is None:
         raise CertificateError("no PEM certificate found")
     try:
-        der = ssl.PEM_cert_to_DER_cert(match.group(0).decode("ascii"))
+        return ssl.PEM_cert_to_DER_cert(match.group(0).decode("ascii"))
     except (ValueError, UnicodeDecodeError) as error:
         raise CertificateError(f"not a PEM certificate: {error}") from None
-    return sha256(der)
+
+
+def der_fingerprint(pem):
+    """Return the SHA-256 hex digest of `pem_to_der(pem)`; raise CertificateError."""
+    return sha256(pem_to_der(pem))
 
 
 def archive_fingerprints(config_dir, name, limit=ARCHIVE_LIMIT):

@@ -72,17 +72,21 @@ class Recorder:
             "served_not_after": served_not_after, "error": verdict.served.error, "checked": now,
         }
 
-    def acted(self, name, now):
-        """Record that every action for lineage `name` succeeded at `now`."""
-        self.data["acted"][name] = {"time": now}
+    def acted(self, name, now, sha256):
+        """Record that every action for lineage `name` succeeded at `now`, for the
+        certificate whose DER fingerprint is `sha256` (None if unknown)."""
+        self.data["acted"][name] = {"time": now, "sha256": sha256}
 
-    def kept(self, entry, name, failed, results, verdicts):
-        """Record why the notification `entry` of `name` is kept: its `failed` keys."""
+    def kept(self, entry, name, failed, results, verdicts, actions):
+        """Record why the notification `entry` of `name` is kept: its `failed` keys
+        (`actions`: {key: plan.Action}, for naming them)."""
         previous = self.data["kept"].get(entry, {}).get("attempts", 0)
         reasons = []
         for key in failed:
             if key in results:
-                reasons.append({"action": key.partition(":")[2], "error": results[key].detail})
+                action = actions[key]
+                target = " ".join(action.target) if isinstance(action.target, tuple) else action.target
+                reasons.append({"action": f"{action.verb} {target}", "error": results[key].detail})
             elif key in verdicts:
                 reasons.append({"action": "verify " + verdicts[key].check.endpoint.url,
                                 "error": verdicts[key].describe()})
@@ -204,8 +208,6 @@ def certificate_entry(lineage, state_word, settings, now, data, failures, attemp
             level=durations.level(info, now, warning, critical),
             warning_days=warning.seconds(info.lifetime) / 86400, critical_days=critical.seconds(info.lifetime) / 86400,
         )
-        if entry["acted"]:
-            entry["acted"] = {**entry["acted"], "sha256": info.sha256 if state_word == "current" else None}
     return entry
 
 

@@ -40,6 +40,7 @@ class Verdict:
     served: object
     expected: str = None
     owner: str = None  # for "other": the lineage whose live certificate was served, if any
+    live: str = None  # for a verdict not current: serial and expiry of the live certificate
 
     @property
     def ok(self):
@@ -57,12 +58,13 @@ class Verdict:
         served = summary(self.served.der)
         if self.outcome == "current":
             return f"{where} serves the current certificate of {check.name} ({served}){suffix}"
+        live = f" ({self.live})" if self.live else ""
         if self.outcome == "old":
             return (f"{where} still serves an OLD certificate of {check.name} ({served}), not the live one"
-                    f"{suffix}")
+                    f"{live}{suffix}")
         owner = f"the live certificate of {self.owner}" if self.owner else "a certificate of no lineage certrelay knows"
-        return (f"{where} serves {owner} ({served}), not the live one of {check.name}: check the service's"
-                f" certificate path, vhost or SNI{suffix}")
+        return (f"{where} serves {owner} ({served}), not the live one of {check.name}{live}: check the"
+                f" service's certificate path, vhost or SNI{suffix}")
 
 
 def summary(der):
@@ -85,12 +87,17 @@ class Fingerprints:
 
     def expected(self, name):
         """Return the DER fingerprint of live/NAME/cert.pem, or None if unreadable."""
+        return self.live_der(name)[0]
+
+    def live_der(self, name):
+        """Return (DER fingerprint, DER) of live/NAME/cert.pem, or (None, None)."""
         if name not in self.live:
             try:
-                self.live[name] = certificate.der_fingerprint(certificate.live_certificate(self.config_dir, name))
+                der = certificate.pem_to_der(certificate.live_certificate(self.config_dir, name))
+                self.live[name] = (certificate.sha256(der), der)
             except certificate.CertificateError as error:
                 logger.error("cannot verify %s: its live certificate cannot be read: %s", name, error)
-                self.live[name] = None
+                self.live[name] = (None, None)
         return self.live[name]
 
     def classify(self, name, served):
@@ -127,7 +134,9 @@ def verify(checks, config_dir, timeout, fingerprints=None, quiet=False, once=Fal
         for check, answer in zip(pending, served):
             outcome = fingerprints.classify(check.name, answer)
             owner = fingerprints.owner(answer.sha256) if outcome == "other" else None
-            verdicts[check] = Verdict(check, outcome, answer, fingerprints.expected(check.name), owner)
+            expected, der = fingerprints.live_der(check.name)
+            live = summary(der) if der and outcome in ("old", "other") else None
+            verdicts[check] = Verdict(check, outcome, answer, expected, owner, live)
         pending = [check for check in pending if not verdicts[check].ok]
         if not pending or once or time.monotonic() + pause >= deadline:
             break

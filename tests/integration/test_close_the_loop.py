@@ -103,7 +103,8 @@ def test_run_escalates_a_reload_that_changed_nothing_to_one_restart(relay, serve
 
     assert result.returncode == 0, result.stderr
     assert relay.calls() == [f"reload {SERVED_UNIT}", f"restart {SERVED_UNIT}"]
-    assert "still serves an OLD certificate of example.test" in result.stderr
+    assert "still serves an OLD certificate of example.test (serial " in result.stderr
+    assert "not the live one (serial " in result.stderr  # what was served, against what should be
     assert "escalating to a restart" in result.stderr
     assert "serves the current certificate of example.test" in result.stderr
     assert relay.entries("claimed") == []
@@ -334,3 +335,34 @@ def test_verify_warns_about_a_served_certificate_close_to_expiry(relay, served, 
 
     assert result.returncode == 0, result.stderr  # current: only the expiry is wrong
     assert f"error: tls://127.0.0.1:{served.port} serves a certificate that expires in 4.0 days (critical)" in result.stderr
+
+
+def test_status_tells_pending_kept_and_deferred_apart_and_says_why(relay):
+    relay.write_rules('[[rule]]\nmatch = ["*"]\nrestart = ["dovecot"]\n')
+    for name in ("herzbube.ch", "moser-naef.ch", "grunzwanzling.ch"):
+        certs.renew(relay.config_dir, name)
+    assert relay.run().returncode == 0  # first sight: recorded
+    certs.renew(relay.config_dir, "herzbube.ch")
+    relay.publish("herzbube.ch", renew=False)
+    relay.behave("fail", "dovecot.service")
+    assert relay.run().returncode == 1  # kept: dovecot failed
+    certs.renew(relay.config_dir, "grunzwanzling.ch")
+    relay.publish("grunzwanzling.ch", renew=False)  # claimed by a run that then died: deferred
+    os.rename(os.path.join(relay.spool, "queue", "grunzwanzling.ch"),
+              os.path.join(relay.spool, "claimed", "grunzwanzling.ch@1"))
+    certs.renew(relay.config_dir, "moser-naef.ch")
+    relay.publish("moser-naef.ch", renew=False)  # not processed yet: pending
+
+    result = relay.run("--json", command="status")
+    table = relay.run(command="status")
+
+    assert result.returncode == 1 and table.returncode == 1
+    report = json.loads(result.stdout)
+    states = {certificate["name"]: certificate["state"] for certificate in report["certificates"]}
+    assert states == {"grunzwanzling.ch": "deferred", "herzbube.ch": "kept", "moser-naef.ch": "pending"}
+    assert report["notifications"] == {"pending": 1, "kept": 1, "deferred": 1}
+    [kept] = [certificate for certificate in report["certificates"] if certificate["name"] == "herzbube.ch"][0]["kept"]
+    assert kept["action"] == "restart dovecot.service" and kept["attempts"] == 1 and "exit status 1" in kept["error"]
+    assert "kept: restart dovecot.service failed" in table.stdout
+    assert report["units"] == [{"unit": "dovecot.service", "verb": "restart", "result": "failure",
+                                "time": report["units"][0]["time"], "error": report["units"][0]["error"]}]
