@@ -98,9 +98,8 @@ class Batch:
     def __init__(self, spool, rules, state_dir, force, dry_run=False):
         self.spool, self.rules, self.state_dir, self.force, self.dry_run = spool, rules, state_dir, force, dry_run
         self.config_dir = spool.config_dir
-        self.progress, self.ledger, self.unit_times = (
-            state.Store(state_dir, name) for name in ("progress.json", "ledger.json", "units.json")
-        )
+        self.progress, self.unit_times = (state.Store(state_dir, name) for name in ("progress.json", "units.json"))
+        self.ledger = state.Store(state_dir, "ledger.json", tracked=True)  # one entry per lineage: large
         self.recorder = status.Recorder(state_dir)
         self.scanner = lineages.Scanner(self.config_dir, state_dir)
         self.scanned, self.facts = None, {}  # every lineage under live/, read once per batch
@@ -269,6 +268,7 @@ class Batch:
                     succeeded -= check.actions  # the retry reruns the rule's actions, then verifies
             if needed <= succeeded:
                 self.ledger.data[notification.name] = self.fingerprints[entry]
+                self.ledger.changed = True
                 facts = self.facts.get(notification.name) or {}
                 self.recorder.acted(notification.name, time.time(), facts.get("sha256"))
                 self.spool.done(notification)

@@ -51,6 +51,7 @@ def find(scanned, config_dir, rules, ledger, announced, progress, dry_run):
         elif not dry_run:
             logger.info("%s: seen for the first time; recorded, nothing done", lineage.name)
             ledger.data[lineage.name] = lineage.fingerprint
+            ledger.changed = True
     return found
 
 
