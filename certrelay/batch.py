@@ -102,7 +102,7 @@ class Batch:
         self.ledger = state.Store(state_dir, "ledger.json", tracked=True)  # one entry per lineage: large
         self.recorder = status.Recorder(state_dir)
         self.scanner = lineages.Scanner(self.config_dir, state_dir)
-        self.scanned, self.facts = None, {}  # every lineage under live/, read once per batch
+        self.scanned, self.facts = [], {}  # every lineage under live/, read once per batch
         self.fingerprints = {}  # entry -> fingerprint of the live certificate
         self.said = {"drop": "dropped", "skip": "skipped", "defer": "deferred"}
         if dry_run:
@@ -117,7 +117,10 @@ class Batch:
         for problem in problems:
             logger.error("%s", problem)
         outcome = Outcome(quarantined=len(problems), dry_run=self.dry_run)
-        changed = self.only_changed(notifications, outcome)
+        self.scanned = self.scanner.scan()
+        self.facts = {lineage.name: lineage.facts for lineage in self.scanned}
+        known = {lineage.name: lineage.fingerprint for lineage in self.scanned if lineage.fingerprint}
+        changed = self.only_changed(notifications, outcome, known)
         changed += self.unannounced(changed, outcome)
         outcome.notifications = len(notifications)
         done = {entry: set(keys) for entry, keys in self.progress.data.items()}
@@ -167,14 +170,15 @@ class Batch:
             status.write_metrics(self.rules.settings["metrics"], status.snapshot(self.config_dir, self.rules, self.state_dir))
         return outcome
 
-    def only_changed(self, notifications, outcome):
+    def only_changed(self, notifications, outcome, known):
         """Return the notifications worth acting on: readable, and changed since the
-        last action (or kept from an earlier run, or `force`); drop the rest."""
+        last action (or kept from an earlier run, or `force`); drop the rest. `known`
+        holds the fingerprints the lineage scan just read: {name: fingerprint}."""
         changed = []
         for notification in notifications:
             name = notification.name
             try:
-                self.fingerprints[notification.entry] = certificate.fingerprint(self.config_dir, name)
+                self.fingerprints[notification.entry] = known.get(name) or certificate.fingerprint(self.config_dir, name)
             except certificate.CertificateError as error:
                 logger.error("%s the notification for %s: its live certificate cannot be read: %s",
                              self.said["drop"], name, error)
@@ -193,8 +197,6 @@ class Batch:
 
     def unannounced(self, changed, outcome):
         """Return notifications standing in for lineages renewed without one (reconcile)."""
-        self.scanned = self.scanner.scan()
-        self.facts = {lineage.name: lineage.facts for lineage in self.scanned}
         found = reconcile.find(self.scanned, self.config_dir, self.rules, self.ledger, {n.name for n in changed},
                                self.progress.data, self.dry_run)
         for notification, fingerprint in found:

@@ -65,7 +65,9 @@ class Store:
             return
         temporary = f"{self.path}.tmp"
         with open(temporary, "w", encoding="utf-8") as file:
-            json.dump(self.data, file, indent=1, sort_keys=True)
+            # Through dumps(), not indented: only that uses json's C encoder, ten times
+            # faster than its Python one (a store holds an entry per lineage).
+            file.write(json.dumps(self.data, sort_keys=True))
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, self.path)
