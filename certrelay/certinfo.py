@@ -134,7 +134,13 @@ def from_der(der):
 
     Raise CertificateParseError if they are not a certificate cryptography can read.
     """
-    from cryptography import x509  # here, not at the top: see the module docstring
+    try:
+        from cryptography import x509  # here, not at the top: see the module docstring
+    except ImportError:
+        raise CertificateParseError(
+            "python3-cryptography is not installed, so certificate dates cannot be read:"
+            " apt-get install python3-cryptography"
+        ) from None
 
     try:
         certificate = x509.load_der_x509_certificate(bytes(der))

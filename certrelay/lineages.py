@@ -77,8 +77,8 @@ def valid_facts(facts):
     """Return True if a cached entry's `facts` has what `Lineage` reads from it (the
     rest is checked when `info` is made)."""
     return (
-        isinstance(facts, dict) and isinstance(facts.get("domains"), list)
-        and all(isinstance(facts.get(key), float) for key in ("not_before", "not_after"))
+        type(facts) is dict and type(facts.get("domains")) is list
+        and type(facts.get("not_before")) is float and type(facts.get("not_after")) is float
     )
 
 

@@ -23,7 +23,8 @@ class Recorder:
 
     def __init__(self, state_dir):
         self.state_dir = state_dir
-        self.store = state.Store(state_dir, "status.json")
+        # Tracked: every batch ends in finished(), which always changes last_run.
+        self.store = state.Store(state_dir, "status.json", tracked=True)
         for key in ("units", "actions_total", "endpoints", "kept", "acted", "alarms", "installs"):
             if not isinstance(self.store.data.get(key), dict):
                 self.store.data[key] = {}
@@ -97,6 +98,7 @@ class Recorder:
         """Note the end of a batch at `now`, forget kept entries no longer in `spool`'s
         claimed/ (reconcile's are kept while progress names them), and save."""
         self.data["last_run"] = now
+        self.store.changed = True
         try:
             claimed = set(spool.claimed_entries())
         except OSError:

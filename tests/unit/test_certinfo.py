@@ -529,3 +529,10 @@ def test_prune_of_nothing_missing_changes_nothing(tmp_path, ninety_days):
     cache.prune({sha256, "f" * 64})
 
     assert not cache.changed
+
+
+def test_missing_cryptography_is_a_parse_error_that_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cryptography", None)  # import fails as if not installed
+
+    with pytest.raises(CertificateParseError, match="apt-get install python3-cryptography"):
+        certinfo.from_der(b"\x30\x00")
