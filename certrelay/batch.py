@@ -167,7 +167,8 @@ class Batch:
         self.scanner.save()
         self.recorder.finished(now, self.spool)
         if self.rules.settings["metrics"]:
-            status.write_metrics(self.rules.settings["metrics"], status.snapshot(self.config_dir, self.rules, self.state_dir))
+            taken = status.snapshot(self.config_dir, self.rules, self.state_dir, scanned=self.scanned)
+            status.write_metrics(self.rules.settings["metrics"], taken)
         return outcome
 
     def only_changed(self, notifications, outcome, known):

@@ -141,9 +141,10 @@ def expiry_alarms(scanned, rules, recorder):
     return alarmed, below
 
 
-def snapshot(config_dir, rules, state_dir, error=None):
+def snapshot(config_dir, rules, state_dir, error=None, scanned=None):
     """Return the snapshot dict documented in report.py for `config_dir` under
-    `rules` (None with `error` when the rules cannot be read)."""
+    `rules` (None with `error` when the rules cannot be read). `scanned`: the
+    lineages a batch just read (lineages.Lineage), else they are read here."""
     now = time.time()
     data = state.Store(state_dir, "status.json").data if os.path.isdir(state_dir) else {}
     taken = {"time": now, "last_run": data.get("last_run"), "error": error, "certificates": [], "units": [],
@@ -159,8 +160,9 @@ def snapshot(config_dir, rules, state_dir, error=None):
     progress = state.Store(state_dir, "progress.json").data if os.path.isdir(state_dir) else {}
     kept = data.get("kept") or {}
     ledger = state.Store(state_dir, "ledger.json").data if os.path.isdir(state_dir) else {}
-    scanner = lineages.Scanner(config_dir, state_dir)
-    for lineage in scanner.scan():
+    if scanned is None:
+        scanned = lineages.Scanner(config_dir, state_dir).scan()
+    for lineage in scanned:
         if not rules.matching(lineage.name, lineage.domains):
             continue
         entries = [entry for entry in claimed if entry.partition("@")[0] == lineage.name]
