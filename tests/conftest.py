@@ -149,15 +149,24 @@ def relay(tmp_path):
 def root(tmp_path):
     """A 0755 root-owned directory below which root may deliver: every directory above
     it is root-owned and writable by nobody else. pytest's tmp_path is below /tmp
-    (sticky, writable by all), which install refuses, so then use the repository's .cache/."""
+    (sticky, writable by all), which install refuses; so is a clone below /tmp. Then
+    use the repository's .cache/ or /run (root's tmpfs), whichever is safe."""
     if not install.directory_problems(str(tmp_path.parent), create_dirs=False):
         os.chmod(tmp_path, 0o755)
         yield str(tmp_path)
         return
-    base = os.path.join(REPOSITORY, ".cache", "install-tests")
-    os.makedirs(base, mode=0o755, exist_ok=True)
-    problems = install.directory_problems(base, create_dirs=False)
-    if problems:
+    problems = []
+    for base in (os.path.join(REPOSITORY, ".cache", "install-tests"), "/run/certrelay-install-tests"):
+        try:
+            os.makedirs(base, mode=0o755, exist_ok=True)
+        except OSError as error:
+            problems.append(f"{base}: {error.strerror}")
+            continue
+        found = install.directory_problems(base, create_dirs=False)
+        if not found:
+            break
+        problems += found
+    else:
         pytest.skip(f"no safe place for destinations: {problems}")
     directory = tempfile.mkdtemp(dir=base)
     os.chmod(directory, 0o755)
