@@ -71,10 +71,10 @@ def perform(action, timeout, config_dir):
     if action.verb in ("run", "precheck"):
         return run_command(action.target, timeout)
     if action.verb == "install":
-        from certrelay import install  # only batches with installs pay for it
+        from certrelay import deliver  # only batches with installs pay for it
 
         specification, name, values = action.payload
-        return install.deliver(specification, config_dir, name, values)
+        return deliver.deliver(specification, config_dir, name, values)
     return systemctl(action.verb, action.target, timeout)
 
 

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 
-from certrelay import rules as rules_module
+from certrelay import endpoint as endpoint_module, rules as rules_module
 
 NAMES_SHOWN = 10
 #: Verbs in the order their actions run.
@@ -62,7 +62,7 @@ class Check:
     check fails."""
 
     name: str
-    endpoint: object  # probe.Endpoint
+    endpoint: object  # endpoint.Endpoint
     server_name: str
     units: tuple
     escalate: bool
@@ -118,10 +118,8 @@ def make_plan(notifications, rules, config_dir, done=None):
             keys = builder.add_rule(rule, notification.name, values, already)
             needed |= keys
             for endpoint in rule.verify:
-                from certrelay import probe  # only rules with endpoints pay for it
-
                 check = Check(
-                    notification.name, endpoint, probe.server_name(endpoint, notification.domains),
+                    notification.name, endpoint, endpoint_module.server_name(endpoint, notification.domains),
                     rule.units, rule.escalate, frozenset(keys),
                 )
                 found.append(check)

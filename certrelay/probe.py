@@ -1,8 +1,8 @@
 """Fetch the leaf certificate an endpoint serves, over TLS or STARTTLS.
 
 After a renewal certrelay restarts services; this is the wire layer that checks what
-they serve now. It parses endpoints written like `smtp://mail.example.ch` or
-`tls://[2001:db8::1]:8443?sni=www.example.ch`, connects, speaks just enough of the
+they serve now. Given an endpoint.Endpoint (`smtp://mail.example.ch`,
+`tls://[2001:db8::1]:8443?sni=www.example.ch`), it connects, speaks just enough of the
 protocol to start TLS, and returns the leaf certificate's DER.
 
 Nothing is verified (an expired or self-signed certificate must be seen too) and no
@@ -14,69 +14,28 @@ service costs its own timeout and a few kilobytes, nothing more.
 import concurrent.futures
 import dataclasses
 import hashlib
-import ipaddress
 import re
 import socket
 import ssl
 import threading
 import time
-import urllib.parse
 from xml.sax.saxutils import quoteattr
 
-#: scheme -> (default port, or None when the port must be given; "tls" or "starttls")
-SCHEMES = {
-    "tls": (None, "tls"),
-    "https": (443, "tls"),
-    "smtps": (465, "tls"),
-    "imaps": (993, "tls"),
-    "pop3s": (995, "tls"),
-    "ldaps": (636, "tls"),
-    "smtp": (25, "starttls"),
-    "submission": (587, "starttls"),
-    "imap": (143, "starttls"),
-    "pop3": (110, "starttls"),
-    "sieve": (4190, "starttls"),
-    "ftp": (21, "starttls"),
-    "xmpp": (5222, "starttls"),
-    "ldap": (389, "starttls"),
-    "postgres": (5432, "starttls"),
-}
+from certrelay import endpoint as endpoint_module
 
 CLIENT_NAME = "certrelay.invalid"  # EHLO name: fixed, since getfqdn() is a DNS lookup that can stall
-WILDCARD_LABEL = "certrelay-probe"  # stands for "*" when a wildcard domain becomes the SNI
 MAX_LINE = 4096  # bytes of one protocol line
 MAX_LINES = 100  # lines of one reply (banner, capabilities)
 MAX_MESSAGE = 16 * 1024  # bytes of an XMPP stream prelude or an LDAP response
 CHUNK = 4096
-LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 # LDAPMessage SEQUENCE { messageID 1, [APPLICATION 23] ExtendedRequest { [0] the StartTLS OID } }
 LDAP_STARTTLS = b"\x30\x1d\x02\x01\x01\x77\x18\x80\x16" + b"1.3.6.1.4.1.1466.20037"
 LDAP_UNBIND = b"\x30\x05\x02\x01\x02\x42\x00"  # messageID 2, [APPLICATION 2] UnbindRequest NULL
 POSTGRES_SSL_REQUEST = bytes.fromhex("0000000804d2162f")  # length 8, code 80877103
-EXAMPLES = "e.g. smtp://mail.example.ch, imaps://[2001:db8::1] or tls://example.ch:8443?sni=www.example.ch"
-
-
-class EndpointError(ValueError):
-    """An endpoint that cannot be parsed; the message says what is wrong and how to write it."""
 
 
 class ProbeError(Exception):
     """The probe failed for a reason the message states in one short line."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Endpoint:
-    """Where to probe: `url` as written in the rules, and its parts.
-
-    `host` is a lower-case name, an IPv4 address or an IPv6 address without brackets;
-    `sni` is the name given with `?sni=NAME`, else None.
-    """
-
-    url: str
-    scheme: str
-    host: str
-    port: int
-    sni: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +45,7 @@ class Served:
     `der` is the leaf certificate's DER; when it is None, `error` says why in one line.
     """
 
-    endpoint: Endpoint
+    endpoint: object  # endpoint.Endpoint
     server_name: str | None
     der: bytes | None
     error: str | None
@@ -95,121 +54,6 @@ class Served:
     def sha256(self):
         """The SHA-256 hex digest of `der`, or None."""
         return None if self.der is None else hashlib.sha256(self.der).hexdigest()
-
-
-def parse_endpoint(text):
-    """Parse `SCHEME://HOST[:PORT][?sni=NAME]` (a str) into an Endpoint.
-
-    Raise EndpointError for an unknown scheme, a missing or invalid host, a bad port, a
-    `tls://` without port, a path, user, password, fragment or query key other than
-    `sni`, or an `sni` that is not a DNS name.
-    """
-    if not isinstance(text, str):
-        raise EndpointError(f"an endpoint is a string like {EXAMPLES}, not {type(text).__name__}")
-    url = text.strip()
-
-    def fail(problem):
-        raise EndpointError(f"{url!r}: {problem}")
-
-    if not url.isprintable() or any(character.isspace() for character in url):
-        fail("contains spaces or control characters")
-    scheme, separator, rest = url.partition("://")
-    scheme = scheme.lower()
-    if not separator:
-        fail(f"write SCHEME://HOST[:PORT], {EXAMPLES}")
-    if scheme not in SCHEMES:
-        fail(f"unknown scheme {scheme!r}; known: {', '.join(SCHEMES)}")
-    rest, hash_mark, _ = rest.partition("#")
-    if hash_mark:
-        fail("a #fragment means nothing here; remove it")
-    rest, question_mark, query = rest.partition("?")
-    location, _, path = rest.partition("/")
-    if path:
-        fail(f"a path means nothing here: write {scheme}://HOST[:PORT], without /{path}")
-    if "@" in location:
-        fail("no user or password: certrelay never logs in; write only HOST[:PORT]")
-    host, port = _split_location(location, scheme, fail)
-    sni = _parse_query(query, fail) if question_mark else None
-    return Endpoint(url, scheme, host, port, sni)
-
-
-def _split_location(location, scheme, fail):
-    """Return (host, port) from `HOST[:PORT]` or `[IPV6][:PORT]`; call fail(problem) if invalid."""
-    if location.startswith("["):
-        address, bracket, after = location[1:].partition("]")
-        if not bracket:
-            fail("missing ']' after the IPv6 address")
-        if after and not after.startswith(":"):
-            fail(f"unexpected {after!r} after ']': write [IPV6]:PORT")
-        host = _ip_address(address.replace("%25", "%", 1))
-        if not isinstance(host, ipaddress.IPv6Address):
-            fail(f"[{address}] is not an IPv6 address; write names and IPv4 addresses without brackets")
-        host, port_text = str(host), after[1:] if after else None
-    else:
-        if location.count(":") > 1:
-            fail(f"write an IPv6 address in brackets: {scheme}://[2001:db8::1]:PORT")
-        host, colon, port_text = location.partition(":")
-        port_text = port_text if colon else None
-        if not host:
-            fail(f"missing host: write {scheme}://HOST[:PORT]")
-        address = _ip_address(host)
-        if address is not None:
-            host = str(address)
-        else:
-            host = _dns_name(host) or fail(f"{host!r} is neither a host name nor an IPv4 address")
-    if port_text is None:
-        port = SCHEMES[scheme][0] or fail(f"{scheme}:// has no default port: write {scheme}://HOST:PORT")
-    elif not (port_text.isascii() and port_text.isdigit() and 1 <= int(port_text) <= 65535):
-        fail(f"bad port {port_text!r}: write a number from 1 to 65535")
-    else:
-        port = int(port_text)
-    return host, port
-
-
-def _parse_query(query, fail):
-    """Return the NAME of a query `sni=NAME`; call fail(problem) for anything else."""
-    fields = urllib.parse.parse_qsl(query, keep_blank_values=True)
-    keys = [key for key, _ in fields]
-    if keys != ["sni"] or not query.startswith("sni="):
-        fail(f"the only option is ?sni=NAME, given once; not {query!r}")
-    if _ip_address(fields[0][1]) is not None:
-        fail("sni= takes a DNS name, not an IP address (clients send no IP addresses as SNI)")
-    return _dns_name(fields[0][1]) or fail(f"sni={fields[0][1]!r} is not a DNS name; write ?sni=www.example.ch")
-
-
-def _dns_name(text):
-    """Return `text` lower-cased, without a trailing dot, if it is a DNS host name, else None."""
-    name = text.lower().removesuffix(".")
-    labels = name.split(".")
-    if len(name) > 253 or not all(LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
-        return None  # an all-digit last label would be read as a short-hand IPv4 address
-    return name
-
-
-def _ip_address(text):
-    """Return `text` as an ipaddress object, or None if it is not an IP address."""
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
-
-
-def server_name(endpoint, domains):
-    """Return the SNI to send to `endpoint` (an Endpoint), or None for none.
-
-    `endpoint.sni` if given; else the host if it is a name; else the first of the
-    certificate's `domains` (a sequence of str), a leading `*.` replaced by a label it
-    covers; None if there are no domains.
-    """
-    if isinstance(domains, str):
-        raise TypeError("domains is a sequence of names, not one string")
-    if endpoint.sni:
-        return endpoint.sni
-    if _ip_address(endpoint.host) is None:
-        return endpoint.host
-    for domain in domains:
-        return WILDCARD_LABEL + domain[1:] if domain.startswith("*.") else domain
-    return None
 
 
 def fetch(endpoint, server_name, timeout):
@@ -224,7 +68,7 @@ def fetch(endpoint, server_name, timeout):
     try:
         conversation.connect(endpoint.host, endpoint.port)
         goodbye = b""
-        if SCHEMES[endpoint.scheme][1] == "starttls":
+        if endpoint_module.SCHEMES[endpoint.scheme][1] == "starttls":
             goodbye = STARTTLS[endpoint.scheme](conversation, server_name or endpoint.host)
         der = conversation.start_tls(server_name)
         conversation.send_quietly(goodbye)
@@ -279,7 +123,7 @@ def _resolve(host, port, deadline):
     A name is looked up on a helper thread, abandoned at `deadline` (time.monotonic()):
     the resolver's own timeouts are longer, and would stretch the probe's.
     """
-    if _ip_address(host) is not None:
+    if endpoint_module.ip_address(host) is not None:
         return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
     outcome = []
 
@@ -429,7 +273,7 @@ class _Conversation:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-        sni = server_name if server_name and _ip_address(server_name) is None else None
+        sni = server_name if server_name and endpoint_module.ip_address(server_name) is None else None
         if sni is not None:
             try:  # as wrap_socket will, but before it takes the socket over, leaking it on failure
                 sni.encode("idna")

@@ -64,7 +64,7 @@ class Rule:
     run: tuple = ()  # (argv tuple, ...) with placeholders not yet filled in
     precheck: tuple = ()  # (argv tuple, ...): must succeed before the units get an action
     install: tuple = ()  # (install.Install, ...): done before commands and units
-    verify: tuple = ()  # (probe.Endpoint, ...): must serve the live certificate afterwards
+    verify: tuple = ()  # (endpoint.Endpoint, ...): must serve the live certificate afterwards
     escalate: bool = True  # restart reloaded units whose endpoint still serves the old one
 
     def selects(self, name, domains):
@@ -309,12 +309,12 @@ def parse_rule(table, index, locator, problem, config_dir=None):
         problem(line("precheck"), "'precheck' guards unit actions, but this rule has none; drop it or add one")
     verify = []
     if table.get("verify"):
-        from certrelay import probe  # sockets and TLS: only rules with endpoints pay for them
+        from certrelay import endpoint  # only rules with endpoints pay for it
 
         for text in strings("verify"):
             try:
-                verify.append(probe.parse_endpoint(text))
-            except probe.EndpointError as error:
+                verify.append(endpoint.parse_endpoint(text))
+            except endpoint.EndpointError as error:
                 problem(line("verify"), f"verify endpoint {text[:200]!r}: {error}")
     escalate = table.get("escalate", True)
     if not isinstance(escalate, bool):

@@ -1,4 +1,4 @@
-"""certrelay.install.deliver on the real file system, as root: formats, owners and modes,
+"""certrelay.deliver on the real file system, as root: formats, owners and modes,
 idempotence, atomicity under a concurrent reader, and the traps a destination or a
 lineage can hold."""
 
@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
-from certrelay import install
+from certrelay import deliver as delivery, install
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="delivers files with owners: needs root")
 
@@ -126,7 +126,7 @@ def out(root):
 
 
 def deliver(lineage, dest, content=("fullchain", "privkey"), **settings):
-    return install.deliver(install.Install(line=1, dest=dest, content=tuple(content), **settings),
+    return delivery.deliver(install.Install(line=1, dest=dest, content=tuple(content), **settings),
                            lineage.config_dir, NAME, lineage.values)
 
 
@@ -166,7 +166,7 @@ def test_pem_concatenates_the_parts_and_a_new_key_file_is_0600_root(lineage, out
 
     path = os.path.join(out, "example.org.pem")
     assert (result.ok, result.changed) == (True, True), result.detail
-    assert isinstance(result, install.execute.Result)
+    assert isinstance(result, delivery.execute.Result)
     assert read(path) == versions[0]["fullchain"] + versions[0]["privkey"]
     assert attributes(path) == (0, 0, 0o600)
     assert leftovers(out) == []
@@ -360,8 +360,8 @@ def test_a_concurrent_reader_sees_only_whole_files_with_the_wanted_owner_and_mod
         while not os.path.exists(ready):
             assert reader.poll() is None, "the reader died"
             time.sleep(0.01)
-        for delivery in range(200):
-            lineage.use(2 - delivery % 2)
+        for number in range(200):
+            lineage.use(2 - number % 2)
             result = deliver(lineage, path, **settings)
             assert (result.ok, result.changed) == (True, True), result.detail
     finally:
@@ -522,7 +522,7 @@ def test_a_source_link_leading_out_of_the_config_dir_is_refused(lineage, out, ro
 
 def test_a_temp_file_left_by_a_crash_does_not_break_the_next_delivery(lineage, out, monkeypatch):
     names = iter(["0" * 16, "1" * 16])
-    monkeypatch.setattr(install.secrets, "token_hex", lambda size: next(names))
+    monkeypatch.setattr(delivery.secrets, "token_hex", lambda size: next(names))
     taken = os.path.join(out, f".x.pem.certrelay-{os.getpid()}-{'0' * 16}")
     stale = os.path.join(out, ".x.pem.certrelay-99999999-abcdef")  # no process has this pid
     for leftover in (taken, stale):
@@ -544,7 +544,7 @@ def test_a_failure_while_writing_removes_the_temp_file_and_keeps_the_old_file(li
     def failing_fsync(descriptor):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(install.os, "fsync", failing_fsync)
+    monkeypatch.setattr(delivery.os, "fsync", failing_fsync)
     result = deliver(lineage, path)
 
     assert not result.ok and "Input/output error" in result.detail and "old file is unchanged" in result.detail

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from certrelay import probe
+from certrelay import endpoint as endpoint_module, probe
 
 TIMEOUT = 1.0  # seconds, for probes meant to time out
 GENEROUS = 10.0  # seconds, for probes meant to succeed: never reached
@@ -171,7 +171,7 @@ def serve(certificates):
 
 
 def endpoint(scheme, server, host="127.0.0.1"):
-    return probe.parse_endpoint(f"{scheme}://{host}:{server.port}")
+    return endpoint_module.parse_endpoint(f"{scheme}://{host}:{server.port}")
 
 
 def fetch(scheme, server, server_name="mail.test", timeout=GENEROUS):
@@ -477,7 +477,7 @@ def test_a_closed_port_is_connection_refused():
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]
 
-    served = probe.fetch(probe.parse_endpoint(f"smtp://127.0.0.1:{port}"), None, GENEROUS)
+    served = probe.fetch(endpoint_module.parse_endpoint(f"smtp://127.0.0.1:{port}"), None, GENEROUS)
 
     assert (served.der, served.error) == (None, "connection refused")
 
@@ -562,9 +562,9 @@ def sni_server(serve, certificates):
 
 def test_the_server_name_is_sent_as_sni_and_picks_the_certificate(sni_server, certificates):
     by_name = [
-        (probe.server_name(endpoint("tls", sni_server), ["other.test"]), "other.test"),
-        (probe.server_name(endpoint("tls", sni_server), ["*.other.test"]), "other.test"),
-        (probe.server_name(probe.parse_endpoint(f"tls://127.0.0.1:{sni_server.port}?sni=www.other.test"), []),
+        (endpoint_module.server_name(endpoint("tls", sni_server), ["other.test"]), "other.test"),
+        (endpoint_module.server_name(endpoint("tls", sni_server), ["*.other.test"]), "other.test"),
+        (endpoint_module.server_name(endpoint_module.parse_endpoint(f"tls://127.0.0.1:{sni_server.port}?sni=www.other.test"), []),
          "other.test"),
         (None, "default.test"),
         ("127.0.0.1", "default.test"),
@@ -581,9 +581,9 @@ def test_the_server_name_is_sent_as_sni_and_picks_the_certificate(sni_server, ce
 
 
 def test_a_host_name_is_resolved_and_sent_as_sni(sni_server, certificates):
-    localhost = probe.parse_endpoint(f"tls://localhost:{sni_server.port}")
+    localhost = endpoint_module.parse_endpoint(f"tls://localhost:{sni_server.port}")
 
-    served = probe.fetch(localhost, probe.server_name(localhost, ["other.test"]), GENEROUS)
+    served = probe.fetch(localhost, endpoint_module.server_name(localhost, ["other.test"]), GENEROUS)
     sni_server.stop()
 
     assert served.der == certificates["default.test"].der
@@ -603,13 +603,13 @@ def ipv6_available():
 def test_ipv6(serve, certificates):
     server = serve(smtp_server, host="::1")
 
-    served = probe.fetch(probe.parse_endpoint(f"smtp://[::1]:{server.port}"), None, GENEROUS)
+    served = probe.fetch(endpoint_module.parse_endpoint(f"smtp://[::1]:{server.port}"), None, GENEROUS)
 
     assert served.der == certificates["default.test"].der
 
 
 def test_an_unresolvable_name_is_an_error():
-    served = probe.fetch(probe.parse_endpoint("smtp://certrelay-probe.invalid"), None, TIMEOUT)
+    served = probe.fetch(endpoint_module.parse_endpoint("smtp://certrelay-probe.invalid"), None, TIMEOUT)
 
     assert served.error in ("cannot resolve certrelay-probe.invalid: Name or service not known",
                             "timed out after 1 s while resolving the host name")
@@ -631,11 +631,11 @@ def test_fetch_many_probes_concurrently_keeping_the_order(serve, certificates):
         closed.bind(("127.0.0.1", 0))
         requests = [
             (endpoint("tls", good), None),
-            (probe.parse_endpoint(f"smtp://127.0.0.1:{hanging.getsockname()[1]}"), None),
+            (endpoint_module.parse_endpoint(f"smtp://127.0.0.1:{hanging.getsockname()[1]}"), None),
             (endpoint("smtp", smtp), "mail.test"),
-            (probe.parse_endpoint(f"tls://127.0.0.1:{closed.getsockname()[1]}"), None),
+            (endpoint_module.parse_endpoint(f"tls://127.0.0.1:{closed.getsockname()[1]}"), None),
             (endpoint("tls", other), "other.test"),
-            (probe.parse_endpoint(f"smtp://127.0.0.1:{hanging.getsockname()[1]}"), None),
+            (endpoint_module.parse_endpoint(f"smtp://127.0.0.1:{hanging.getsockname()[1]}"), None),
         ]
         started = time.monotonic()
 

@@ -1,11 +1,11 @@
-"""Parsing probe endpoints (`smtp://mail.example.ch`) and choosing the SNI to send."""
+"""Parsing endpoints (`smtp://mail.example.ch`) and choosing the SNI to send."""
 
 import hypothesis
 import hypothesis.strategies as st
 import pytest
 
-from certrelay import probe
-from certrelay.probe import Endpoint, EndpointError, parse_endpoint, server_name
+from certrelay import endpoint as endpoint_module, probe
+from certrelay.endpoint import Endpoint, EndpointError, parse_endpoint, server_name
 
 DEFAULT_PORTS = {
     "https": 443, "smtps": 465, "imaps": 993, "pop3s": 995, "ldaps": 636, "smtp": 25,
@@ -15,10 +15,10 @@ DEFAULT_PORTS = {
 
 
 def test_every_scheme_is_known_with_its_default_port_and_mode():
-    assert {scheme: port for scheme, (port, _) in probe.SCHEMES.items()} == {"tls": None, **DEFAULT_PORTS}
-    direct = {scheme for scheme, (_, mode) in probe.SCHEMES.items() if mode == "tls"}
+    assert {scheme: port for scheme, (port, _) in endpoint_module.SCHEMES.items()} == {"tls": None, **DEFAULT_PORTS}
+    direct = {scheme for scheme, (_, mode) in endpoint_module.SCHEMES.items() if mode == "tls"}
     assert direct == {"tls", "https", "smtps", "imaps", "pop3s", "ldaps"}
-    assert set(probe.STARTTLS) == set(probe.SCHEMES) - direct
+    assert set(probe.STARTTLS) == set(endpoint_module.SCHEMES) - direct
 
 
 @pytest.mark.parametrize("scheme", DEFAULT_PORTS)
@@ -111,7 +111,7 @@ def test_any_text_parses_or_raises_endpoint_error(text):
     except EndpointError:
         return
     assert 1 <= endpoint.port <= 65535
-    assert endpoint.scheme in probe.SCHEMES
+    assert endpoint.scheme in endpoint_module.SCHEMES
 
 
 @pytest.mark.parametrize(
