@@ -165,7 +165,7 @@ class Batch:
         for store in (self.progress, self.ledger, self.unit_times):
             store.save()
         self.scanner.save()
-        self.recorder.finished(now, self.spool)
+        self.recorder.finished(now, self.progress.data)
         if self.rules.settings["metrics"]:
             taken = status.snapshot(self.config_dir, self.rules, self.state_dir, scanned=self.scanned)
             status.write_metrics(self.rules.settings["metrics"], taken)

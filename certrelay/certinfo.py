@@ -1,9 +1,8 @@
 """What a certificate says (fingerprint, serial, validity, domains).
 
 Parsing X.509 needs python3-cryptography, whose import costs more than the rest of a
-`certrelay run`; so it is imported inside `from_der` only, and `Cache` keeps what was
-parsed, keyed by the SHA-256 of the DER, in a JSON file in the state dir: a
-certificate is parsed once in its life.
+`certrelay run`; so it is imported inside `from_der` only, and lineages.py keeps what
+was parsed (`to_json`) in the state dir: a certificate is parsed once in its life.
 
 Works with cryptography 38 (Debian 12) and the newest: the `*_utc` date properties
 exist only from 42, and the naive ones warn (DeprecationWarning) from 42 on.
@@ -11,13 +10,10 @@ exist only from 42, and the naive ones warn (DeprecationWarning) from 42 on.
 
 import base64
 import binascii
-import contextlib
 import dataclasses
 import datetime
 import hashlib
-import json
 import logging
-import os
 import re
 
 logger = logging.getLogger(__name__)
@@ -189,106 +185,3 @@ def certificate_domains(certificate, x509):
         ]
     return tuple(names)
 
-
-class Cache:
-    """CertInfo per SHA-256 of the DER, kept in the JSON file `path`
-    ({sha256: CertInfo.to_json()}), so that each certificate is parsed only once.
-
-    A missing, corrupt or unreadable file counts as empty (a warning is logged); the
-    worst case is parsing again.
-    """
-
-    def __init__(self, path):
-        self.path = path
-        self.entries = self.load(path)
-        self.changed = False
-
-    @staticmethod
-    def load(path):
-        """Return {sha256: CertInfo} from the file `path`, skipping what is not valid."""
-        try:
-            with open(path, encoding="utf-8") as file:
-                data = json.load(file)
-            if not isinstance(data, dict):
-                raise ValueError("not a JSON object")
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError too
-            logger.warning("ignoring the unreadable certificate cache %s: %s", path, error)
-            return {}
-        entries = {}
-        for sha256, value in data.items():
-            try:
-                info = CertInfo.from_json(value)
-            except ValueError as error:
-                logger.warning("ignoring an entry of the certificate cache %s: %s", path, error)
-                continue
-            if info.sha256 == sha256:
-                entries[sha256] = info
-        return entries
-
-    def info_for_pem(self, data):
-        """Return the CertInfo of the first certificate in PEM `data`; raise
-        CertificateParseError."""
-        return self.info_for_der(der_from_pem(data))
-
-    def info_for_der(self, der):
-        """Return the CertInfo of the DER certificate `der`, parsing it only if it is
-        not cached yet; raise CertificateParseError."""
-        sha256 = hashlib.sha256(der).hexdigest()
-        info = self.entries.get(sha256)
-        if info is None:
-            info = from_der(der)
-            self.entries[sha256] = info
-            self.changed = True
-        return info
-
-    def prune(self, keep_sha256s):
-        """Forget every certificate whose SHA-256 is not in `keep_sha256s`."""
-        keep = set(keep_sha256s)
-        for sha256 in [sha256 for sha256 in self.entries if sha256 not in keep]:
-            del self.entries[sha256]
-            self.changed = True
-
-    def save(self):
-        """Write the file atomically if an entry was added or pruned.
-
-        Return True if it was written (or nothing changed); on an OSError (e.g. a
-        read-only state dir) log a warning and return False: the cache only saves work.
-        """
-        if not self.changed:
-            return True
-        data = {sha256: info.to_json() for sha256, info in sorted(self.entries.items())}
-        try:
-            write_atomically(self.path, json.dumps(data, indent=1).encode("utf-8") + b"\n", 0o600)
-        except OSError as error:
-            logger.warning("cannot save the certificate cache %s: %s", self.path, error)
-            return False
-        self.changed = False
-        return True
-
-
-def write_atomically(path, content, mode):
-    """Replace the file `path` by the bytes `content` with permissions `mode`: a
-    dot-prefixed temp file in the same directory, fsync, rename, fsync the directory.
-    Readers see the old file or the new one, never a part."""
-    directory = os.path.dirname(path) or "."
-    import tempfile  # only writers pay for it; every run reads
-
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(content)
-            os.fchmod(file.fileno(), mode)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    directory_descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(directory_descriptor)
-    finally:
-        os.close(directory_descriptor)

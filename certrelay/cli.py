@@ -170,7 +170,7 @@ def check(config_dir, rules_path, state_dir, rules_only):
     try:
         logger.info(
             "%d rule(s); %d pending, %d kept for retry; quarantine: %s",
-            len(rules.rules), len(spool.pending_names()), spool.claimed_count(), spool.quarantine,
+            len(rules.rules), len(spool.pending_names()), len(spool.claimed_entries()), spool.quarantine,
         )
     except OSError as error:
         problems.append(f"cannot use {error.filename}: {error.strerror}")

@@ -1,4 +1,5 @@
-"""Reading files that the container wrote, where any name may be a trap.
+"""Reading files that the container wrote, where any name may be a trap; and
+replacing a host file atomically.
 
 A name is first opened with O_PATH|O_NOFOLLOW, which opens nothing: not a FIFO (no
 blocking), not a device (no side effect), not a link's target. Only once fstat() says
@@ -60,3 +61,38 @@ def read_regular(name, directory, limit):
         return read_opened(descriptor, info, limit)
     finally:
         os.close(descriptor)
+
+
+def write_atomically(path, content, mode):
+    """Replace the file `path` by the bytes `content` with permissions `mode`: a
+    dot-prefixed temp file in the same directory (node_exporter and haproxy skip
+    dotfiles), written, given its mode, fsynced, renamed over `path`, and the directory
+    fsynced. Readers see the old file or the new one, never a part. Raise OSError; the
+    temp file is removed then."""
+    directory, base = os.path.split(path)
+    directory = directory or "."
+    temporary = os.path.join(directory, f".{base}.{os.getpid()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        descriptor = os.open(temporary, flags, 0o600)
+    except FileExistsError:  # left by a crashed process that had our PID
+        os.unlink(temporary)
+        descriptor = os.open(temporary, flags, 0o600)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(content)
+            file.flush()
+            os.fchmod(file.fileno(), mode)
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
+    directory_descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(directory_descriptor)
+    finally:
+        os.close(directory_descriptor)

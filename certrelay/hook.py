@@ -11,6 +11,8 @@ import os
 import stat
 from pathlib import Path
 
+from certrelay import files
+
 HOOK_NAME = "certrelay-hook"
 #: What a hook certrelay installed contains (its first comment line), so that
 #: `install` replaces an older certrelay hook but not someone else's file.
@@ -107,28 +109,8 @@ def install(config_dir, force=False):
                 f"{dest} exists and is not a certrelay hook (or is a symlink): move it away,"
                 " or replace it with --force"
             )
-    content = source.read_bytes()
     dest.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    temporary = dest.parent / f".{HOOK_NAME}.{os.getpid()}.tmp"
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(content)
-            file.flush()
-            os.fchmod(file.fileno(), 0o755)
-            os.fsync(file.fileno())
-        os.rename(temporary, dest)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
-    directory = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    files.write_atomically(str(dest), source.read_bytes(), 0o755)
     return dest, "installed" if previous == MISSING else "updated"
 
 

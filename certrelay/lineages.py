@@ -91,10 +91,9 @@ class Scanner:
         self.cache = state.Store(state_dir, "lineages.json", tracked=True) if state_dir else None
         self.entries = self.cache.data if self.cache else {}
 
-    def lineage(self, name, live, certinfo):
+    def lineage(self, name, live):
         """Return the `Lineage` for live/NAME (reading and parsing only what changed),
-        or None if live/NAME is not a directory; `live` is the live/ descriptor,
-        `certinfo` the module, imported once per scan."""
+        or None if live/NAME is not a directory; `live` is the live/ descriptor."""
         cached = self.entries.get(name)
         try:
             key = stat_key(live, name)
@@ -104,6 +103,8 @@ class Scanner:
             return Lineage(name, error=f"live/{name}/cert.pem: {error.strerror}")
         if isinstance(cached, dict) and cached.get("key") == key and valid_facts(cached.get("info")):
             return Lineage(name, cached["fingerprint"], cached["info"])
+        from certrelay import certinfo  # only a certificate not seen before is parsed
+
         try:
             data = certificate.live_certificate(self.config_dir, name)
             info = certinfo.from_pem(data)
@@ -119,10 +120,7 @@ class Scanner:
         live = open_live(self.config_dir)
         try:
             found = names(live) if live is not None else []
-            if found:
-                from certrelay import certinfo  # cheap: cryptography is imported only to parse
-
-                found = [lineage for lineage in (self.lineage(name, live, certinfo) for name in found) if lineage]
+            found = [lineage for lineage in (self.lineage(name, live) for name in found) if lineage]
         finally:
             if live is not None:
                 os.close(live)

@@ -16,7 +16,7 @@ Metrics (gauges unless noted); a family with no sample is left out:
 
 import math
 
-from certrelay.certinfo import write_atomically
+from certrelay import files
 
 LEVELS = {"ok": 0, "warning": 1, "critical": 2}
 NOTIFICATION_STATES = ("pending", "kept", "deferred")
@@ -143,4 +143,4 @@ def write(path, text):
     """Replace the textfile `path` by `text` atomically, mode 0644: the temp file is
     dot-prefixed (the textfile collector ignores it) and in the same directory, so the
     collector never reads half a file."""
-    write_atomically(path, text.encode("utf-8"), 0o644)
+    files.write_atomically(path, text.encode("utf-8"), 0o644)

@@ -43,8 +43,9 @@ def find(scanned, config_dir, rules, ledger, announced, progress, dry_run):
             " where certbot runs?); acting as if notified", name,
         )
         found.append((notification(lineage, config_dir), lineage.fingerprint))
+    not_served = serving_something_else(first_seen, rules, config_dir) if first_seen else set()
     for lineage in first_seen:
-        if serves_something_else(lineage, rules, config_dir):
+        if lineage.name in not_served:
             logger.warning("%s: seen for the first time, and an endpoint does not serve its live certificate;"
                            " acting on it", lineage.name)
             found.append((notification(lineage, config_dir), lineage.fingerprint))
@@ -63,14 +64,16 @@ def notification(lineage, config_dir):
     )
 
 
-def serves_something_else(lineage, rules, config_dir):
-    """Return True if a `verify` endpoint of the rules selecting `lineage` does not
-    serve its live certificate (probed briefly, quietly)."""
-    from certrelay import plan, verify
+def serving_something_else(first_seen, rules, config_dir):
+    """Return the names of the lineages of `first_seen` with a `verify` endpoint that
+    does not serve their live certificate: all probed at once, briefly, quietly."""
+    from certrelay import plan
 
-    checks = plan.make_plan([notification(lineage, config_dir)], rules, config_dir).checks.get(
-        lineage.name + ENTRY_SUFFIX, []
-    )
+    notifications = [notification(lineage, config_dir) for lineage in first_seen]
+    checks = [check for found in plan.make_plan(notifications, rules, config_dir).checks.values() for check in found]
     if not checks:
-        return False
-    return not all(verdict.ok for verdict in verify.verify(checks, config_dir, FIRST_SIGHT_TIMEOUT, quiet=True))
+        return set()
+    from certrelay import verify
+
+    return {verdict.check.name for verdict in verify.verify(checks, config_dir, FIRST_SIGHT_TIMEOUT, quiet=True)
+            if not verdict.ok}

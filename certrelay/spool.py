@@ -226,9 +226,6 @@ class Spool:
         """Return the entries in claimed/ (kept failures, or a crashed run's)."""
         return sorted(os.fsdecode(name) for name in self._names(self.claimed))
 
-    def claimed_count(self):
-        return len(self.claimed_entries())
-
     def _names(self, path):
         """Return the raw names in the spool directory `path`, opening the spool for
         it unless it is open already."""

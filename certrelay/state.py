@@ -18,6 +18,8 @@ import json
 import logging
 import os
 
+from certrelay import files
+
 logger = logging.getLogger(__name__)
 
 
@@ -63,14 +65,9 @@ class Store:
         """Write `data`, if it changed, to a temp file, fsync it, rename it over the old one."""
         if not self.changed if self.tracked else json.dumps(self.data, sort_keys=True) == self.saved:
             return
-        temporary = f"{self.path}.tmp"
-        with open(temporary, "w", encoding="utf-8") as file:
-            # Through dumps(), not indented: only that uses json's C encoder, ten times
-            # faster than its Python one (a store holds an entry per lineage).
-            file.write(json.dumps(self.data, sort_keys=True))
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, self.path)
+        # Through dumps(), not indented: only that uses json's C encoder, ten times
+        # faster than its Python one (a store holds an entry per lineage).
+        files.write_atomically(self.path, json.dumps(self.data, sort_keys=True).encode("utf-8"), 0o600)
         self.changed = False
         if not self.tracked:
             self.saved = json.dumps(self.data, sort_keys=True)

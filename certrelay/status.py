@@ -94,18 +94,13 @@ class Recorder:
         if reasons:
             self.data["kept"][entry] = {"name": name, "failed": reasons, "attempts": previous + 1}
 
-    def finished(self, now, spool):
-        """Note the end of a batch at `now`, forget kept entries no longer in `spool`'s
-        claimed/ (reconcile's are kept while progress names them), and save."""
+    def finished(self, now, progress):
+        """Note the end of a batch at `now`, forget the failures of notifications no
+        longer kept (`progress`: the batch's {entry: done keys}, which names every
+        notification still kept), and save."""
         self.data["last_run"] = now
         self.store.changed = True
-        try:
-            claimed = set(spool.claimed_entries())
-        except OSError:
-            claimed = set()
-        progress = state.Store(self.state_dir, "progress.json").data
-        self.data["kept"] = {entry: value for entry, value in self.data["kept"].items()
-                             if entry in claimed or entry in progress}
+        self.data["kept"] = {entry: value for entry, value in self.data["kept"].items() if entry in progress}
         self.store.save()
 
 

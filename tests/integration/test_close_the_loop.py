@@ -257,6 +257,11 @@ def test_status_json_and_metrics_after_runs(relay, tmp_path):
     assert 'certrelay_certificate_not_after_timestamp_seconds{name="herzbube.ch"}' in text
     table = relay.run(command="status")
     assert table.returncode == 0 and "herzbube.ch" in table.stdout
+    certs.renew(relay.config_dir, "herzbube.ch")
+    relay.publish("herzbube.ch", renew=False)
+    assert relay.run().returncode == 0
+    # A counter: kept across runs, not reset by each.
+    assert 'certrelay_actions_total{unit="apache2.service",verb="reload",result="success"} 2' in metrics.read_text()
 
 
 # --- installs ---------------------------------------------------------------------------
@@ -364,5 +369,27 @@ def test_status_tells_pending_kept_and_deferred_apart_and_says_why(relay):
     [kept] = [certificate for certificate in report["certificates"] if certificate["name"] == "herzbube.ch"][0]["kept"]
     assert kept["action"] == "restart dovecot.service" and kept["attempts"] == 1 and "exit status 1" in kept["error"]
     assert "kept: restart dovecot.service failed" in table.stdout
-    assert report["units"] == [{"unit": "dovecot.service", "verb": "restart", "result": "failure",
-                                "time": report["units"][0]["time"], "error": report["units"][0]["error"]}]
+    [unit] = report["units"]
+    assert (unit["unit"], unit["verb"], unit["result"]) == ("dovecot.service", "restart", "failure")
+    assert "exit status 1: Job for dovecot.service failed" in unit["error"]
+
+
+def test_first_sight_acts_only_where_an_endpoint_does_not_serve_the_live_certificate(relay, served, tmp_path):
+    relay.write_rules(rules_for(served, verb="restart"))
+
+    serving = relay.run()  # the endpoint serves the live certificate: recorded only
+
+    assert serving.returncode == 0, serving.stderr
+    assert relay.calls() == []
+    assert "example.test: seen for the first time; recorded, nothing done" in serving.stderr
+
+    stranger, key = certs.make_certificate(["stranger.test"])
+    (tmp_path / "served" / "cert.pem").write_bytes(stranger)
+    (tmp_path / "served" / "key.pem").write_bytes(key)
+    shutil.rmtree(relay.state_dir)  # certrelay installed anew on a host whose service is stale
+
+    stale = relay.run()
+
+    assert stale.returncode == 0, stale.stderr  # the restart made it serve the live one
+    assert relay.calls() == [f"restart {SERVED_UNIT}"]
+    assert "example.test: seen for the first time, and an endpoint does not serve its live certificate" in stale.stderr

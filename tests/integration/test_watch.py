@@ -273,3 +273,17 @@ def test_watch_reconciles_a_renewal_that_sent_no_notification_within_its_interva
 
     assert sorted(relay.calls()) == ["reload apache2.service", "restart dovecot.service", "restart exim4.service"]
     assert "herzbube.ch: its live certificate changed but no notification came" in output
+
+
+def test_watch_says_in_its_status_and_log_that_a_certificate_is_close_to_expiry(relay, notify):
+    from tests import certs
+
+    relay.write_rules(FAST + WRITE_UP_RULES)
+    certs.renew(relay.config_dir, "herzbube.ch", days=90, age_days=85)
+    process = start_watch(relay, notify)
+
+    notify.wait_for(lambda m: "READY=1" in m and "1 certificate(s) close to expiry" in m)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=30)[0]
+
+    assert "error: herzbube.ch: the live certificate expires in 5.0 days (critical" in output

@@ -620,3 +620,76 @@ def test_matching_returns_the_selecting_rules_in_file_order():
 
     assert parsed.matching("herzbube.ch", ()) == list(parsed.rules)
     assert parsed.matching("moser-naef.ch", ()) == [parsed.rules[1]]
+
+
+# --- verify, escalate, precheck, [[rule.install]] ----------------------------------------
+
+CLOSING = """\
+[[rule]]
+match = ["herzbube.ch"]
+restart = ["dovecot"]
+precheck = [["/usr/bin/doveconf", "-n"]]
+verify = ["imaps://127.0.0.1", "smtp://mail.herzbube.ch:25?sni=mx.herzbube.ch"]
+escalate = false
+
+  [[rule.install]]
+  dest = "/etc/exim4/tls/{name}.key"
+  content = ["privkey"]
+  mode = "0600"
+
+[[rule]]
+domains = ["*.example.org"]
+verify = ["https://[::1]:8443"]
+"""
+
+
+def test_verify_precheck_escalate_and_installs_parse_into_the_rule():
+    first, second = rules.parse(CLOSING.encode()).rules
+
+    assert [(endpoint.scheme, endpoint.host, endpoint.port, endpoint.sni) for endpoint in first.verify] == [
+        ("imaps", "127.0.0.1", 993, None), ("smtp", "mail.herzbube.ch", 25, "mx.herzbube.ch"),
+    ]
+    assert first.precheck == (("/usr/bin/doveconf", "-n"),) and first.escalate is False
+    [install] = first.install
+    assert (install.line, install.dest, install.content, install.mode) == (8, "/etc/exim4/tls/{name}.key", ("privkey",), 0o600)
+    # A rule that only verifies is valid: it checks what another rule (or a person) did.
+    assert second.verify[0].host == "::1" and second.units == () and second.escalate is True
+
+
+@pytest.mark.parametrize(
+    "text, line, fragment",
+    [
+        ('[[rule]]\nmatch = ["x"]\nrestart = ["a"]\nverify = ["gopher://x"]\n', 4, "verify endpoint 'gopher://x': "),
+        ('[[rule]]\nmatch = ["x"]\nrestart = ["a"]\nverify = ["tls://127.0.0.1"]\n', 4, "verify endpoint 'tls://127.0.0.1'"),
+        ('[[rule]]\nmatch = ["x"]\nrestart = ["a"]\nescalate = "no"\n', 4, "'escalate' must be true or false"),
+        ('[[rule]]\nmatch = ["x"]\nrun = [["/bin/true"]]\nprecheck = [["/bin/true"]]\n', 4,
+         "'precheck' guards unit actions, but this rule has none"),
+        ('[[rule]]\nmatch = ["x"]\nrestart = ["a"]\nprecheck = [["nginx", "-t"]]\n', 4,
+         "precheck command 'nginx' must be an absolute path"),
+        ('[[rule]]\nmatch = ["x"]\nrestart = ["a"]\n\n  [[rule.install]]\n  dest = "/etc/x.pem"\n  content = ["cert"]\n'
+         '  colour = "red"\n', 8, "unknown key 'colour' in [[rule.install]]"),
+        ('[[rule]]\nmatch = ["x"]\nrestart = ["a"]\ninstall = 5\n', 4, "'install' must be written as [[rule.install]] tables"),
+    ],
+    ids=["unknown-scheme", "tls-without-port", "escalate-not-bool", "precheck-without-units", "precheck-relative",
+         "install-unknown-key", "install-not-tables"],
+)
+def test_bad_closing_the_loop_keys_are_reported_at_their_line(text, line, fragment):
+    assert_single_problem(text, line, fragment)
+
+
+def test_two_installs_of_one_destination_are_refused_at_the_second():
+    text = (
+        '[[rule]]\nmatch = ["a"]\nreload = ["x"]\n  [[rule.install]]\n  dest = "/etc/ssl/one.pem"\n  content = ["cert"]\n'
+        '\n[[rule]]\nmatch = ["b"]\nreload = ["y"]\n  [[rule.install]]\n  dest = "/etc/ssl/one.pem"\n  content = ["cert"]\n'
+    )
+
+    assert_single_problem(text, 11, "install dest '/etc/ssl/one.pem' is also written by the install on line 4")
+
+
+def test_an_install_destination_inside_the_config_dir_is_refused(tmp_path):
+    text = f'[[rule]]\nmatch = ["a"]\nreload = ["x"]\n  [[rule.install]]\n  dest = "{tmp_path}/live/a.pem"\n  content = ["cert"]\n'
+
+    with pytest.raises(rules.RulesError) as caught:
+        rules.parse(text.encode(), "rules.toml", config_dir=str(tmp_path))
+
+    assert caught.value.problems[0].startswith("rules.toml:5: ") and "config dir" in caught.value.problems[0]
