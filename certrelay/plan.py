@@ -16,8 +16,8 @@ import os
 from certrelay import endpoint as endpoint_module, rules as rules_module
 
 NAMES_SHOWN = 10
-#: Verbs in the order their actions run.
-STAGES = ("install", "run", "precheck", *rules_module.UNIT_VERBS)
+#: The order actions run in; unit actions (any verb) come last, in rules-file order.
+STAGE = {"install": 0, "run": 1, "precheck": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +168,7 @@ class Builder:
         return key
 
     def actions(self, rules, strength, needs):
-        """Return the actions that some notification still needs, in STAGES order."""
+        """Return the actions that some notification still needs, in STAGE order."""
         wanted = set().union(*needs.values()) if needs else set()
         first_named = {}  # unit -> index of its first mention in the rules file
         for rule in rules.rules:
@@ -184,7 +184,7 @@ class Builder:
             if action_key(verb, unit) in wanted
         ]
         # Stable: units keep the order of the rules file.
-        return sorted(found, key=lambda action: min(STAGES.index(action.verb), len(STAGES) - len(rules_module.UNIT_VERBS)))
+        return sorted(found, key=lambda action: STAGE.get(action.verb, len(STAGE)))
 
 
 def fill(template, values):

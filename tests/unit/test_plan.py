@@ -368,3 +368,27 @@ def test_action_description_names_at_most_ten_certificates():
     described = plan.Action("reload", "apache2.service", names).describe()
 
     assert described == "reload apache2.service (c00.ch, c01.ch, c02.ch, c03.ch, c04.ch, c05.ch, c06.ch, c07.ch, c08.ch, c09.ch and 15 more)"
+
+
+def test_installs_then_commands_then_prechecks_then_units_each_unit_requiring_what_guards_it():
+    text = (
+        '[[rule]]\nmatch = ["herzbube.ch"]\nreload = ["haproxy"]\nrestart = ["dovecot"]\n'
+        'precheck = [["/usr/sbin/haproxy", "-c"]]\nrun = [["/usr/local/bin/prepare", "{name}"]]\n'
+        '  [[rule.install]]\n  dest = "/etc/haproxy/certs/{name}.pem"\n  content = ["fullchain", "privkey"]\n'
+        '  group = "root"\n  mode = "0640"\n'
+        '\n[[rule]]\nmatch = ["*"]\nreload = ["apache2"]\n'
+    )
+
+    result = make_plan([notification("herzbube.ch")], text)
+
+    assert [(action.verb, action.target) for action in result.actions] == [
+        ("install", "/etc/haproxy/certs/herzbube.ch.pem"),
+        ("run", ("/usr/local/bin/prepare", "herzbube.ch")),
+        ("precheck", ("/usr/sbin/haproxy", "-c")),
+        ("reload", "haproxy.service"), ("restart", "dovecot.service"), ("reload", "apache2.service"),
+    ]
+    guards = {"install:/etc/haproxy/certs/herzbube.ch.pem", 'precheck:["/usr/sbin/haproxy", "-c"]'}
+    requires = {action.target: action.requires for action in result.actions}
+    assert requires["haproxy.service"] == requires["dovecot.service"] == guards
+    assert requires["apache2.service"] == frozenset()  # another rule's unit: not held back
+    assert requires[("/usr/local/bin/prepare", "herzbube.ch")] == {"install:/etc/haproxy/certs/herzbube.ch.pem"}
