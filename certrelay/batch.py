@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import time
 
-from certrelay import certificate, lineages, reconcile, rules as rules_module
+from certrelay import certificate, idle, lineages, reconcile, rules as rules_module
 from certrelay import spool as spool_module, state, status
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,12 @@ class Outcome:
     def ok(self):
         return not (self.kept or self.quarantined or self.failed or self.unreadable or self.unverified
                     or self.expiring)
+
+    @property
+    def settled(self):
+        """True if the batch left nothing to do: every notification done or dropped,
+        nothing kept, deferred or close to expiry."""
+        return self.ok and not (self.deferred or self.deferred_until or self.below_warning)
 
     def summary(self):
         """Return one line a person can read, e.g. for the daemon's STATUS=."""
@@ -169,7 +175,21 @@ class Batch:
         if self.rules.settings["metrics"]:
             taken = status.snapshot(self.config_dir, self.rules, self.state_dir, scanned=self.scanned)
             status.write_metrics(self.rules.settings["metrics"], taken)
+        self.remember(outcome, now)
         return outcome
+
+    def remember(self, outcome, now):
+        """Leave the idle memo (idle.py) if this batch left nothing to do, else remove
+        it. Not with metrics: a run that skips the batch would not rewrite them."""
+        try:
+            if outcome.settled and not self.progress.data and not self.rules.settings["metrics"]:
+                # At least one full batch a day, which also checks the rules' surroundings again.
+                until = min(status.warning_due(self.scanned, self.rules), now + idle.AT_LEAST_DAILY)
+                idle.remember(self.state_dir, self.config_dir, self.rules, self.scanner.live, until)
+            else:
+                idle.forget(self.state_dir)
+        except OSError as error:
+            logger.warning("cannot update %s: %s", error.filename, error.strerror)
 
     def only_changed(self, notifications, outcome, known):
         """Return the notifications worth acting on: readable, and changed since the

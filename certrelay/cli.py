@@ -5,57 +5,70 @@ action, a quarantined entry), 2 usage or configuration error (nothing processed)
 """
 
 import functools
-import json
-import logging
 import os
 import sys
 import time
 
 import click
 
-# Only what every command needs; each command imports the rest, so that a cron line
-# that finds nothing to do starts about as fast as click itself.
-from certrelay import __version__, rules as rules_module
+# Only what every command needs: each command imports the rest. `run` with nothing to
+# do (idle.py) must start about as fast as click itself, so not even logging, json or
+# the rules parser is imported here.
+from certrelay import __version__
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_CONFIG = 0, 1, 2
-logger = logging.getLogger("certrelay")
+# Made once and shared by every command: each click.Path looks up its translated name,
+# a few stat() calls that add up over the commands at every start.
+DIRECTORY, FILE = click.Path(file_okay=False), click.Path(dir_okay=False)
 
 
-class LevelPrefixFormatter(logging.Formatter):
-    """Plain lines; errors and warnings say so, so that a cron mail reads well."""
+class Logger:
+    """The "certrelay" logger, looked up on first use (see setup_logging)."""
 
-    def format(self, record):
-        message = super().format(record)
-        if record.levelno >= logging.ERROR:
-            return "error: " + message
-        if record.levelno >= logging.WARNING:
-            return "warning: " + message
-        return message
+    def __getattr__(self, name):
+        import logging
+
+        return getattr(logging.getLogger("certrelay"), name)
+
+
+logger = Logger()
 
 
 def setup_logging(quiet, verbose):
-    """Send certrelay's log to stderr: errors only with `quiet`, debug with `verbose`."""
+    """Send certrelay's log to stderr: errors only with `quiet`, debug with `verbose`.
+    Plain lines; errors and warnings say so, so that a cron mail reads well."""
+    import logging
+
+    def prefix(record):
+        record.prefix = ("error: " if record.levelno >= logging.ERROR
+                         else "warning: " if record.levelno >= logging.WARNING else "")
+        return True
+
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LevelPrefixFormatter("%(message)s"))
-    logger.handlers[:] = [handler]
-    logger.propagate = False
-    logger.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
+    handler.setFormatter(logging.Formatter("%(prefix)s%(message)s"))
+    handler.addFilter(prefix)
+    root = logging.getLogger("certrelay")
+    root.handlers[:] = [handler]
+    root.propagate = False
+    root.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
 
 
-def common_options(function):
-    """Add the options every command shares; each also reads an environment variable."""
+def common_options(function, set_up_logging=True):
+    """Add the options every command shares; each also reads an environment variable.
+    Set up logging before the command runs, or, without `set_up_logging`, pass it
+    `quiet` and `verbose` to do that itself."""
     options = [
         click.option(
             "--config-dir", envvar="CERTRELAY_CONFIG_DIR", default="/etc/letsencrypt", show_default=True,
-            show_envvar=True, type=click.Path(file_okay=False), help="certbot's config dir (holds the spool).",
+            show_envvar=True, type=DIRECTORY, help="certbot's config dir (holds the spool).",
         ),
         click.option(
             "--rules", "rules_path", envvar="CERTRELAY_RULES", default="/etc/certrelay/rules.toml",
-            show_default=True, show_envvar=True, type=click.Path(dir_okay=False), help="The rules file.",
+            show_default=True, show_envvar=True, type=FILE, help="The rules file.",
         ),
         click.option(
             "--state-dir", envvar="CERTRELAY_STATE_DIR", default="/var/lib/certrelay", show_default=True,
-            show_envvar=True, type=click.Path(file_okay=False), help="Lock and retry state.",
+            show_envvar=True, type=DIRECTORY, help="Lock and retry state.",
         ),
         click.option("--quiet", "-q", is_flag=True, envvar="CERTRELAY_QUIET", help="Print errors only."),
         click.option("--verbose", "-v", is_flag=True, envvar="CERTRELAY_VERBOSE", help="Print debug detail."),
@@ -63,6 +76,8 @@ def common_options(function):
 
     @functools.wraps(function)
     def wrapper(quiet, verbose, **options):
+        if not set_up_logging:
+            return function(quiet=quiet, verbose=verbose, **options)
         setup_logging(quiet, verbose)
         return function(**options)
 
@@ -76,6 +91,8 @@ def load_rules(rules_path, config_dir, on_error=None):
 
     Call `on_error()` before exiting, if given.
     """
+    from certrelay import rules as rules_module
+
     try:
         return rules_module.load(rules_path, config_dir=config_dir)
     except rules_module.RulesError as error:
@@ -95,7 +112,7 @@ def main():
 
 
 @main.command()
-@common_options
+@functools.partial(common_options, set_up_logging=False)
 @click.option("--dry-run", "-n", is_flag=True, envvar="CERTRELAY_DRY_RUN", help="Print the plan; change nothing.")
 @click.option(
     "--empty-queue-on-error", is_flag=True,
@@ -103,8 +120,16 @@ def main():
     " a DirectoryNotEmpty= path unit does not fire again and again.",
 )
 @click.option("--force", is_flag=True, help="Act even on certificates that did not change since the last action.")
-def run(config_dir, rules_path, state_dir, dry_run, empty_queue_on_error, force):
+def run(config_dir, rules_path, state_dir, quiet, verbose, dry_run, empty_queue_on_error, force):
     """Process every pending notification once (for cron and the path unit)."""
+    from certrelay import idle
+
+    if not (dry_run or force) and idle.unchanged(config_dir, rules_path, state_dir):
+        if not quiet:
+            click.echo("nothing pending" + (f" (nothing changed since the last batch: {idle.MEMO_HELP})"
+                                            if verbose else ""), err=True)
+        sys.exit(EXIT_OK)
+    setup_logging(quiet, verbose)
     from certrelay import batch, spool as spool_module, state
 
     def keep_for_later():
@@ -124,7 +149,7 @@ def run(config_dir, rules_path, state_dir, dry_run, empty_queue_on_error, force)
         while True:
             outcome = batch.process(config_dir, rules, state_dir, dry_run=dry_run, force=force)
             ok = ok and outcome.ok
-            logger.log(logging.INFO if outcome.ok else logging.ERROR, "%s", outcome.summary())
+            (logger.info if outcome.ok else logger.error)("%s", outcome.summary())
             if dry_run or outcome.deferred_until is None:
                 break
             # Units held back by min-interval: wait, then act on what is left (and on
@@ -268,7 +293,7 @@ def watch(config_dir, rules_path, state_dir, poll):
 @main.command("install-hook")
 @click.option(
     "--config-dir", envvar="CERTRELAY_CONFIG_DIR", default="/etc/letsencrypt", show_default=True,
-    show_envvar=True, type=click.Path(file_okay=False), help="certbot's config dir (holds renewal-hooks/).",
+    show_envvar=True, type=DIRECTORY, help="certbot's config dir (holds renewal-hooks/).",
 )
 @click.option("--force", is_flag=True,
               help="Create a missing config dir; replace a file there that is not a certrelay hook.")
@@ -318,6 +343,8 @@ def verify(config_dir, rules_path, state_dir, as_json, nagios, names):
     from certrelay import plan as plan_module, report, spool as spool_module, status, verify as verify_module
 
     if nagios:
+        from certrelay import rules as rules_module
+
         try:
             rules = rules_module.load(rules_path, config_dir=config_dir)
         except rules_module.RulesError as error:
@@ -347,6 +374,8 @@ def verify(config_dir, rules_path, state_dir, as_json, nagios, names):
         click.echo(text)
         sys.exit(code)
     if as_json:
+        import json
+
         click.echo(json.dumps([
             {"name": verdict.check.name, "endpoint": verdict.check.endpoint.url, "sni": verdict.check.server_name,
              "outcome": verdict.outcome, "expected_sha256": verdict.expected, "served_sha256": verdict.served.sha256,

@@ -16,7 +16,7 @@ import secrets
 import ssl
 import stat
 
-from certrelay import certificate, execute, install as spec, rules
+from certrelay import certificate, execute, files, install as spec
 
 KEY_FILE_MODE = 0o600  # a new file holding a private key
 CERTIFICATE_FILE_MODE = 0o644  # a new file holding certificates only
@@ -64,7 +64,7 @@ def deliver(install, config_dir, name, values):
     """
     path = install.destination(values)
     try:
-        if rules.is_inside(path, config_dir):
+        if files.is_inside(path, config_dir):
             raise DeliveryError(f"{path} is inside the certbot config dir {config_dir}; fix dest")
         sources = read_sources(install, config_dir, name)
         check_sources(sources, name)

@@ -1,5 +1,5 @@
-"""Reading files that the container wrote, where any name may be a trap; and
-replacing a host file atomically.
+"""Reading files that the container wrote, where any name may be a trap; replacing a
+host file atomically; and whether root may trust a host file.
 
 A name is first opened with O_PATH|O_NOFOLLOW, which opens nothing: not a FIFO (no
 blocking), not a device (no side effect), not a link's target. Only once fstat() says
@@ -14,6 +14,37 @@ KINDS = (
     (stat.S_ISLNK, "symbolic link"), (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
     (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
 )
+
+
+def is_inside(path, directory):
+    """Return True if `path` resolves to a place inside `directory`."""
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([path, directory]) == directory
+
+
+def trust_problems(path, file_stat):
+    """Return why a root process must not trust the file at `path` (whose stat is
+    `file_stat`), if it must not: the file or its directory is not root's, or others may
+    write it. Used for the rules file, which chooses what root runs."""
+    problems = []
+    directory = os.path.dirname(os.path.abspath(path))
+    for what, where, info in (
+        ("rules file", path, file_stat),
+        ("directory", directory, os.stat(directory)),
+    ):
+        if info.st_uid != 0:
+            problems.append(
+                f"{path}: refused: the {what} {where} is owned by uid {info.st_uid}, not root,"
+                f" so that user could choose what root runs; fix: chown root {where}"
+            )
+        sticky = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky:
+            problems.append(
+                f"{path}: refused: the {what} {where} is writable by group or others"
+                f" (mode {stat.S_IMODE(info.st_mode):04o}), so they could choose what root"
+                f" runs; fix: chmod go-w {where}"
+            )
+    return problems
 
 
 class UnsafeFile(Exception):

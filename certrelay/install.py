@@ -142,7 +142,7 @@ def parse_dest(table, line, key_line, report, config_dir):
         report(where, f"dest {dest!r} must not have a '..' component; write the path it means")
     elif dest.endswith("/"):
         report(where, f"dest {dest!r} names a directory; name the file to write, like {example}")
-    elif config_dir is not None and rules.is_inside(fixed_part(dest), config_dir):
+    elif config_dir is not None and files.is_inside(fixed_part(dest), config_dir):
         report(
             where,
             f"dest {dest!r} is inside the certbot config dir {config_dir}, which the container"

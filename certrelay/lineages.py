@@ -8,11 +8,12 @@ in STATE_DIR/lineages.json; a lost cache only costs reading again.
 """
 
 import dataclasses
+import errno
 import functools
 import logging
 import os
 
-from certrelay import certificate, spool, state
+from certrelay import certificate, idle, spool, state
 
 logger = logging.getLogger(__name__)
 
@@ -57,22 +58,6 @@ def open_live(config_dir):
         return None
 
 
-def names(live):
-    """Return the sorted names in the live/ descriptor `live` that are valid
-    notification names (certbot's live/README too: `Scanner` leaves out what is not
-    a directory)."""
-    return sorted(name for name in os.listdir(live) if spool.NAME.fullmatch(name))
-
-
-def stat_key(live, name):
-    """Return what changes when certbot renews NAME/cert.pem below the live/ descriptor
-    `live`: the identity, size and times of the file its link leads to (a renewal
-    links a new file). stat() opens nothing, so following the link here is safe;
-    reading it is done by certificate.read_beneath."""
-    info = os.stat(f"{name}/cert.pem", dir_fd=live)
-    return [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
-
-
 def valid_facts(facts):
     """Return True if a cached entry's `facts` has what `Lineage` reads from it (the
     rest is checked when `info` is made)."""
@@ -90,17 +75,17 @@ class Scanner:
         self.config_dir = config_dir
         self.cache = state.Store(state_dir, "lineages.json", tracked=True) if state_dir else None
         self.entries = self.cache.data if self.cache else {}
+        self.live = {}  # what the last scan saw under live/: idle.live_keys
 
-    def lineage(self, name, live):
-        """Return the `Lineage` for live/NAME (reading and parsing only what changed),
-        or None if live/NAME is not a directory; `live` is the live/ descriptor."""
-        cached = self.entries.get(name)
-        try:
-            key = stat_key(live, name)
-        except NotADirectoryError:
+    def lineage(self, name, key):
+        """Return the `Lineage` for live/NAME, whose cert.pem has the stat `key`
+        (idle.live_keys; an errno if it has none), reading and parsing only what
+        changed; None if live/NAME is not a directory."""
+        if key == errno.ENOTDIR:
             return None  # not a lineage: certbot's live/README
-        except OSError as error:
-            return Lineage(name, error=f"live/{name}/cert.pem: {error.strerror}")
+        if isinstance(key, int):
+            return Lineage(name, error=f"live/{name}/cert.pem: {os.strerror(key)}")
+        cached = self.entries.get(name)
         if isinstance(cached, dict) and cached.get("key") == key and valid_facts(cached.get("info")):
             return Lineage(name, cached["fingerprint"], cached["info"])
         from certrelay import certinfo  # only a certificate not seen before is parsed
@@ -116,14 +101,16 @@ class Scanner:
         return found
 
     def scan(self):
-        """Return a `Lineage` for every name under live/, in name order."""
+        """Return a `Lineage` for every valid name under live/, in name order; keep
+        what live/ looked like in `live` (idle.live_keys) for the idle memo."""
         live = open_live(self.config_dir)
         try:
-            found = names(live) if live is not None else []
-            found = [lineage for lineage in (self.lineage(name, live) for name in found) if lineage]
+            self.live = idle.live_keys(live) if live is not None else {}
         finally:
             if live is not None:
                 os.close(live)
+        found = [self.lineage(name, self.live[name]) for name in sorted(self.live) if spool.NAME.fullmatch(name)]
+        found = [lineage for lineage in found if lineage]
         for gone in set(self.entries) - {lineage.name for lineage in found}:
             del self.entries[gone]
             self.changed()

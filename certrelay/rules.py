@@ -12,7 +12,7 @@ import stat
 import string
 import tomllib
 
-from certrelay import durations, matcher
+from certrelay import durations, files, matcher
 
 #: Unit actions, weakest first: per unit the strongest requested one wins.
 UNIT_VERBS = ("reload", "reload-or-restart", "restart")
@@ -78,11 +78,13 @@ class Rule:
 
 @dataclasses.dataclass(frozen=True)
 class Rules:
-    """A validated rules file: its rules in file order, and the settings."""
+    """A validated rules file: its rules in file order, the settings, and the bytes they
+    were read from (idle.py remembers those)."""
 
     path: str
     rules: tuple
     settings: dict
+    data: bytes = b""
 
     def matching(self, name, domains):
         """Return the rules that select the certificate `name` covering `domains`, in
@@ -138,7 +140,7 @@ def load(path, check_permissions=None, config_dir=None):
     """
     if check_permissions is None:
         check_permissions = os.geteuid() == 0
-    if config_dir is not None and is_inside(path, config_dir):
+    if config_dir is not None and files.is_inside(path, config_dir):
         raise RulesError([
             f"{path}: refused: the rules file is inside the certbot config dir {config_dir},"
             " which the container can write; move it, e.g. to /etc/certrelay/rules.toml"
@@ -146,42 +148,13 @@ def load(path, check_permissions=None, config_dir=None):
     try:
         with open(path, "rb") as file:
             if check_permissions:
-                problems = permission_problems(path, os.fstat(file.fileno()))
+                problems = files.trust_problems(path, os.fstat(file.fileno()))
                 if problems:
                     raise RulesError(problems)
             data = file.read()
     except OSError as error:
         raise RulesError([f"{path}: cannot read the rules file: {error.strerror}"]) from None
     return parse(data, path, config_dir)
-
-
-def is_inside(path, directory):
-    """Return True if `path` resolves to a place inside `directory`."""
-    path, directory = os.path.realpath(path), os.path.realpath(directory)
-    return os.path.commonpath([path, directory]) == directory
-
-
-def permission_problems(path, file_stat):
-    """Return why a root process must not trust the rules file at `path`, if it must not."""
-    problems = []
-    directory = os.path.dirname(os.path.abspath(path))
-    for what, where, info in (
-        ("rules file", path, file_stat),
-        ("directory", directory, os.stat(directory)),
-    ):
-        if info.st_uid != 0:
-            problems.append(
-                f"{path}: refused: the {what} {where} is owned by uid {info.st_uid}, not root,"
-                f" so that user could choose what root runs; fix: chown root {where}"
-            )
-        sticky = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
-        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky:
-            problems.append(
-                f"{path}: refused: the {what} {where} is writable by group or others"
-                f" (mode {stat.S_IMODE(info.st_mode):04o}), so they could choose what root"
-                f" runs; fix: chmod go-w {where}"
-            )
-    return problems
 
 
 def parse(data, path="rules.toml", config_dir=None):
@@ -223,7 +196,7 @@ def parse(data, path="rules.toml", config_dir=None):
     duplicate_destinations(rules, problem)
     if problems:
         raise RulesError(problems)
-    return Rules(path=path, rules=tuple(rules), settings=settings)
+    return Rules(path=path, rules=tuple(rules), settings=settings, data=bytes(data))
 
 
 def parse_settings(table, locator, problem):

@@ -11,7 +11,7 @@ import logging
 import os
 import time
 
-from certrelay import durations, lineages, spool as spool_module, state
+from certrelay import durations, idle, lineages, spool as spool_module, state
 
 logger = logging.getLogger(__name__)
 
@@ -136,13 +136,27 @@ def expiry_alarms(scanned, rules, recorder):
     return alarmed, below
 
 
+def warning_due(scanned, rules):
+    """Return when the first certificate of `scanned` (lineages.Lineage) selected by
+    `rules` crosses an expiry threshold (epoch seconds; infinity if none will). Either
+    may come first: one can be a fraction of the lifetime, the other a duration."""
+    thresholds, due = (rules.settings["expiry-warning"], rules.settings["expiry-critical"]), float("inf")
+    for lineage in scanned:
+        if lineage.facts is not None and rules.matching(lineage.name, lineage.domains):
+            lifetime = lineage.not_after - lineage.not_before
+            due = min(due, lineage.not_after - max(threshold.seconds(lifetime) for threshold in thresholds))
+    return due
+
+
 def snapshot(config_dir, rules, state_dir, error=None, scanned=None):
     """Return the snapshot dict documented in report.py for `config_dir` under
     `rules` (None with `error` when the rules cannot be read). `scanned`: the
     lineages a batch just read (lineages.Lineage), else they are read here."""
     now = time.time()
     data = state.Store(state_dir, "status.json").data if os.path.isdir(state_dir) else {}
-    taken = {"time": now, "last_run": data.get("last_run"), "error": error, "certificates": [], "units": [],
+    # A run that found nothing changed touches the idle memo instead of status.json.
+    last_run = max(filter(None, (data.get("last_run"), idle.last_checked(state_dir))), default=None)
+    taken = {"time": now, "last_run": last_run, "error": error, "certificates": [], "units": [],
              "notifications": {"pending": 0, "kept": 0, "deferred": 0}, "actions_total": []}
     for counter, count in sorted((data.get("actions_total") or {}).items()):
         unit, verb, result = counter.split("\t")
