@@ -2,9 +2,10 @@
 
 live/NAME/cert.pem is a symlink into archive/, and the container writes this tree: a
 planted symlink could point at /etc/shadow, a FIFO or a device. So the path is walked
-one component at a time from a directory descriptor (files.open_path: nothing is
-opened before its kind is known), links resolved by hand and only inside the config
-dir, like openat2's RESOLVE_BENEATH, which Python does not offer.
+one component at a time from a directory descriptor (files.open_path, or for a
+directory on the way an O_PATH open that only a directory passes: nothing is opened
+before its kind is known), links resolved by hand and only inside the config dir,
+like openat2's RESOLVE_BENEATH, which Python does not offer.
 """
 
 import os
@@ -15,6 +16,8 @@ from certrelay import files
 
 MAX_CERTIFICATE = 64 * 1024
 MAX_LINKS = 16
+# Opens only a directory (O_PATH: nothing is read), never a link (ENOTDIR) or anything else.
+DIRECTORY = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 ARCHIVE_LIMIT = 20  # older certificates a lineage had, for telling "old" from "other"
 ARCHIVE_CERTIFICATE = re.compile(r"cert([0-9]{1,9})\.pem")
 PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----")
@@ -44,16 +47,25 @@ def read_beneath(root, relative, limit):
         directories = [os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)]
     except OSError as error:
         raise CertificateError(f"cannot open {root}: {error.strerror}") from None
-    parts = [part for part in relative.split("/") if part not in ("", ".")]
+    parts = components(relative)  # a stack: the next component last
     links = 0
     try:
         while parts:
-            part = parts.pop(0)
+            part = parts.pop()
             if part == "..":
                 if len(directories) == 1:
                     raise CertificateError(f"{relative} leads out of {root}")
                 os.close(directories.pop())
                 continue
+            if parts:
+                # Most components on the way are plain directories: one open that only a
+                # real directory passes (O_NOFOLLOW: a link fails with ENOTDIR) saves the
+                # fstat(); whatever fails takes the general way below, which says why.
+                try:
+                    directories.append(os.open(part, DIRECTORY, dir_fd=directories[-1]))
+                    continue
+                except OSError:
+                    pass
             descriptor, info = files.open_path(part, directories[-1])
             if stat.S_ISLNK(info.st_mode):
                 os.close(descriptor)
@@ -61,7 +73,7 @@ def read_beneath(root, relative, limit):
                 links += 1
                 if target.startswith("/") or links > MAX_LINKS:
                     raise CertificateError(f"{relative} in {root} is a link leading out of it ({target!r})")
-                parts[:0] = [piece for piece in target.split("/") if piece not in ("", ".")]
+                parts += components(target)
             elif parts:
                 directories.append(descriptor)
                 if not stat.S_ISDIR(info.st_mode):
@@ -77,6 +89,12 @@ def read_beneath(root, relative, limit):
     finally:
         for descriptor in directories:
             os.close(descriptor)
+
+
+def components(path):
+    """Return the components of the relative `path` that name something (not `.`),
+    last first: a stack to pop() from."""
+    return [part for part in reversed(path.split("/")) if part and part != "."]
 
 
 def sha256(data):

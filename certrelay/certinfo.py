@@ -1,27 +1,30 @@
 """What a certificate says (fingerprint, serial, validity, domains).
 
 Parsing X.509 needs python3-cryptography, whose import costs more than the rest of a
-`certrelay run`; so it is imported inside `from_der` only, and lineages.py keeps what
+`certrelay run`; so the first `from_der` imports it, and lineages.py keeps what
 was parsed (`to_json`) in the state dir: a certificate is parsed once in its life.
 
 Works with cryptography 38 (Debian 12) and the newest: the `*_utc` date properties
 exist only from 42, and the naive ones warn (DeprecationWarning) from 42 on.
 """
 
-import base64
 import binascii
 import dataclasses
 import datetime
 import hashlib
 import logging
-import re
 
 logger = logging.getLogger(__name__)
 
 DAY = 86400.0
-PEM_CERTIFICATE = re.compile(
-    rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.DOTALL
-)
+PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
+PEM_END = b"-----END CERTIFICATE-----"
+#: The start of epoch time, aware and naive: subtracting it is the cheapest exact
+#: datetime.timestamp() (the C code of timestamp() does the same subtraction).
+EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+NAIVE_EPOCH = datetime.datetime(1970, 1, 1)
+
+_x509 = None  # cryptography.x509 once `from_der` imported it
 
 
 class CertificateParseError(ValueError):
@@ -105,11 +108,15 @@ def der_from_pem(data):
     """
     if isinstance(data, str):
         data = data.encode("ascii", "replace")
-    found = PEM_CERTIFICATE.search(data)
-    if not found:
+    # The first BEGIN with an END after it: if the first BEGIN has none, no later one has.
+    begin = data.find(PEM_BEGIN)
+    end = data.find(PEM_END, begin + len(PEM_BEGIN)) if begin >= 0 else -1
+    if end < 0:
         raise CertificateParseError("no PEM certificate (-----BEGIN CERTIFICATE-----) found")
+    # split() drops ASCII whitespace; strict_mode is what b64decode(validate=True) does.
+    body = b"".join(data[begin + len(PEM_BEGIN):end].split())
     try:
-        der = base64.b64decode(re.sub(rb"\s+", b"", found.group(1)), validate=True)
+        der = binascii.a2b_base64(body, strict_mode=True)
     except binascii.Error as error:
         raise CertificateParseError(f"the PEM certificate is not valid base64: {error}") from None
     if not der:
@@ -125,19 +132,28 @@ def from_pem(data):
     return from_der(der_from_pem(data))
 
 
+def cryptography_x509():
+    """Return the module cryptography.x509, imported on first use (see the module
+    docstring); raise CertificateParseError if python3-cryptography is missing."""
+    global _x509
+    if _x509 is None:
+        try:
+            from cryptography import x509
+        except ImportError:
+            raise CertificateParseError(
+                "python3-cryptography is not installed, so certificate dates cannot be read:"
+                " apt-get install python3-cryptography"
+            ) from None
+        _x509 = x509
+    return _x509
+
+
 def from_der(der):
     """Parse the DER bytes of an X.509 certificate; return its CertInfo.
 
     Raise CertificateParseError if they are not a certificate cryptography can read.
     """
-    try:
-        from cryptography import x509  # here, not at the top: see the module docstring
-    except ImportError:
-        raise CertificateParseError(
-            "python3-cryptography is not installed, so certificate dates cannot be read:"
-            " apt-get install python3-cryptography"
-        ) from None
-
+    x509 = cryptography_x509()
     try:
         certificate = x509.load_der_x509_certificate(bytes(der))
         return CertInfo(
@@ -155,8 +171,9 @@ def from_der(der):
 def openssl_serial(number):
     """Return `number` as `openssl x509 -serial` prints it: uppercase hex, an even
     number of digits."""
-    digits = format(abs(number), "X")
-    digits = "0" * (len(digits) % 2) + digits
+    digits = f"{abs(number):X}"
+    if len(digits) % 2:
+        digits = "0" + digits
     return "-" + digits if number < 0 else digits
 
 
@@ -165,9 +182,9 @@ def epoch(certificate, attribute):
     cryptography certificate as epoch seconds, without a DeprecationWarning on any
     version: `ATTRIBUTE_utc` is aware (cryptography >= 42), `ATTRIBUTE` naive UTC."""
     aware = getattr(certificate, attribute + "_utc", None)
-    if aware is None:
-        aware = getattr(certificate, attribute).replace(tzinfo=datetime.timezone.utc)
-    return aware.timestamp()
+    if aware is not None:
+        return (aware - EPOCH).total_seconds()
+    return (getattr(certificate, attribute) - NAIVE_EPOCH).total_seconds()
 
 
 def certificate_domains(certificate, x509):

@@ -15,21 +15,26 @@ batch of thousands of notifications. Here:
 - patterns without glob characters are equality tests: dicts from the (lowercased,
   for domains) pattern to the rules naming it, and from the parent of a plain domain
   pattern (`example.ch` for `mail.example.ch`) to its rules, for wildcard domains;
-- glob patterns are bucketed by the literal text a match must end (or start) with
-  (`.example.ch` for `*.example.ch`); a string is tried only against the buckets its
-  own ends select, plus the patterns with no literal end (`*`, `*mail*`);
+- glob patterns are bucketed by one literal piece a match must contain: the text it
+  must end with (`.example.ch` for `*.example.ch`), start with (`mail.` for `mail.*`)
+  or, for a pattern without brackets, have between wildcards (`04.g` for
+  `*04.g*.example`), whichever fewest patterns share; a string is tried only against
+  the buckets of its own ends and of the pieces it contains, plus the patterns with
+  no literal piece (`*?`, `[ab]*`); a pattern of only `*` selects every string;
 - the patterns of one bucket become one regular expression that always matches at
   position 0 and holds, per rule, an optional lookahead over that rule's
   fnmatch.translate()d patterns followed by an empty group: after one `match()`
   call, the groups that are set are exactly the rules whose globs match.
 """
 
+import collections
 import fnmatch
 import re
 
 #: Characters that make a pattern a glob; the same set as rules.GLOB_CHARACTERS,
 #: which decides whether a domain pattern may cover a wildcard certificate.
 GLOB_CHARACTERS = frozenset("*?[")
+WILDCARDS = re.compile(r"[*?]")
 
 
 def is_glob(pattern):
@@ -82,45 +87,68 @@ def literal_ends(pattern):
     return pattern[:first], pattern[last + 1:]
 
 
+def literal_pieces(pattern):
+    """Return the literal texts every match of the glob `pattern` contains, as (kind,
+    text) pairs, none empty: ("head", what it starts with), ("tail", what it ends
+    with) and, if `pattern` has no bracket, ("infix", text) for each piece between
+    two of its `*` and `?` (without brackets, those are its only glob characters)."""
+    head, tail = literal_ends(pattern)
+    pieces = [("head", head), ("tail", tail)]
+    if "[" not in pattern:
+        pieces += [("infix", piece) for piece in WILDCARDS.split(pattern)[1:-1]]
+    return [(kind, text) for kind, text in pieces if text]
+
+
 class GlobIndex:
-    """Glob patterns of many rules, bucketed by the literal text they must end (or
-    start) with, so that a string is tried only against the buckets its own end (or
-    start) selects: `*.example.ch` and `*.example.org` never cost each other time.
+    """Glob patterns of many rules, bucketed by one literal piece their matches must
+    contain (`literal_pieces`), so that a string is tried only against the buckets
+    whose piece it has: `*.example.ch` and `*.example.org` never cost each other time.
 
     `patterns` maps a rule's index to its glob patterns; `indices(text)` returns the
     set of the indices of the rules with a pattern matching `text`.
     """
 
     def __init__(self, patterns):
-        tails, heads, rest = {}, {}, {}
+        pieces = {pattern: literal_pieces(pattern) for globs in patterns.values() for pattern in globs}
+        shared = collections.Counter(piece for found in pieces.values() for piece in set(found))
+        buckets = {"head": {}, "tail": {}, "infix": {}, "rest": {}}
+        self.always = set()  # the rules with a pattern of only `*`: it matches any string
         for index, globs in patterns.items():
             for pattern in globs:
-                head, tail = literal_ends(pattern)
-                # Bucket by the longer literal end: the more it says, the fewer share it.
-                bucket, key = (tails, tail) if len(tail) >= len(head) else (heads, head)
-                if not key:
-                    bucket = rest
-                bucket.setdefault(key, {}).setdefault(index, []).append(pattern)
-        self.tails = {key: GlobSet(owners) for key, owners in tails.items()}
-        self.heads = {key: GlobSet(owners) for key, owners in heads.items()}
-        self.tail_lengths = sorted({len(key) for key in self.tails})
+                if not pattern.strip("*"):
+                    self.always.add(index)
+                    continue
+                # The piece fewest patterns share makes the smallest bucket (`*04.g*.example`:
+                # `04.g`, not the `.example` of all its kind); on a tie the longer.
+                kind, key = min(pieces[pattern], key=lambda piece: (shared[piece], -len(piece[1])),
+                                default=("rest", ""))
+                buckets[kind].setdefault(key, {}).setdefault(index, []).append(pattern)
+        self.heads, self.tails, self.infixes = (
+            {key: GlobSet(owners) for key, owners in buckets[kind].items()} for kind in ("head", "tail", "infix")
+        )
         self.head_lengths = sorted({len(key) for key in self.heads})
-        self.rest = GlobSet(rest[""]) if rest else None
+        self.tail_lengths = sorted({len(key) for key in self.tails})
+        self.rest = GlobSet(buckets["rest"][""]) if buckets["rest"] else None
 
     def indices(self, text):
-        found = set(self.rest.indices(text)) if self.rest else set()
+        found = set(self.always)
+        if self.rest:
+            found.update(self.rest.indices(text))
         size = len(text)
+        for length in self.head_lengths:
+            if length > size:
+                break
+            globs = self.heads.get(text[:length])
+            if globs:
+                found.update(globs.indices(text))
         for length in self.tail_lengths:
             if length > size:
                 break
             globs = self.tails.get(text[size - length:])
             if globs:
                 found.update(globs.indices(text))
-        for length in self.head_lengths:
-            if length > size:
-                break
-            globs = self.heads.get(text[:length])
-            if globs:
+        for key, globs in self.infixes.items():
+            if key in text:
                 found.update(globs.indices(text))
         return found
 

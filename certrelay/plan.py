@@ -18,6 +18,8 @@ from certrelay import endpoint as endpoint_module, rules as rules_module
 NAMES_SHOWN = 10
 #: The order actions run in; unit actions (any verb) come last, in rules-file order.
 STAGE = {"install": 0, "run": 1, "precheck": 2}
+#: Unit verbs by strength: per unit the strongest one asked for wins.
+STRENGTH = {verb: index for index, verb in enumerate(rules_module.UNIT_VERBS)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +105,6 @@ def make_plan(notifications, rules, config_dir, done=None):
     host's path of the live directory.
     """
     done = done or {}
-    strength = {verb: index for index, verb in enumerate(rules_module.UNIT_VERBS)}
     builder = Builder()
     needs, checks, unmatched = {}, {}, []
     for notification in notifications:
@@ -111,7 +112,7 @@ def make_plan(notifications, rules, config_dir, done=None):
         if not matching:
             unmatched.append(notification)
             continue
-        already = done.get(notification.entry, ())
+        already = set(done.get(notification.entry, ()))
         values = placeholder_values(notification, config_dir)
         needed, found = set(), []
         for rule in matching:
@@ -124,9 +125,9 @@ def make_plan(notifications, rules, config_dir, done=None):
                 )
                 found.append(check)
                 needed.add(check.key)
-        needs[notification.entry] = needed - set(already)
+        needs[notification.entry] = needed - already
         checks[notification.entry] = [check for check in found if check.key not in already]
-    actions = builder.actions(rules, strength, needs)
+    actions = builder.actions(rules, needs)
     return Plan(actions=actions, needs=needs, unmatched=unmatched, checks=checks)
 
 
@@ -140,23 +141,34 @@ class Builder:
     def add_rule(self, rule, name, values, already=()):
         """Add what `rule` asks for certificate `name`, except the keys in `already`
         (done in an earlier run); return the keys of all the rule's actions."""
-        installs = {
-            self._other("install", install.destination(values), name, (), already, (install, name, values))
-            for install in rule.install
-        }
-        commands = {self._other("run", fill(argv, values), name, installs, already) for argv in rule.run}
-        prechecks = {self._other("precheck", fill(argv, values), name, installs, already) for argv in rule.precheck}
-        units = set()
+        keys = set()
+        installs, prechecks = set(), set()
+        # Most rules only name units: skip what they do not have.
+        if rule.install:
+            installs = {
+                self._other("install", install.destination(values), name, (), already, (install, name, values))
+                for install in rule.install
+            }
+            keys |= installs
+        if rule.run:
+            keys |= {self._other("run", fill(argv, values), name, installs, already) for argv in rule.run}
+        if rule.precheck:
+            prechecks = {self._other("precheck", fill(argv, values), name, installs, already) for argv in rule.precheck}
+            keys |= prechecks
+        requires = installs | prechecks
         for verb, unit in rule.units:
-            units.add(action_key(verb, unit))
-            if action_key(verb, unit) in already:
+            key = action_key(verb, unit)
+            keys.add(key)
+            if key in already:
                 continue
-            entry = self.units.setdefault(unit, [verb, set(), set()])
-            if rules_module.UNIT_VERBS.index(verb) > rules_module.UNIT_VERBS.index(entry[0]):
+            entry = self.units.get(unit)
+            if entry is None:
+                entry = self.units[unit] = [verb, set(), set()]
+            elif STRENGTH[verb] > STRENGTH[entry[0]]:
                 entry[0] = verb
             entry[1].add(name)
-            entry[2] |= installs | prechecks
-        return installs | commands | prechecks | units
+            entry[2] |= requires
+        return keys
 
     def _other(self, verb, target, name, requires, already, payload=None):
         """Add a non-unit action for certificate `name` (unless in `already`); return its key."""
@@ -167,7 +179,7 @@ class Builder:
             entry[3] |= set(requires)
         return key
 
-    def actions(self, rules, strength, needs):
+    def actions(self, rules, needs):
         """Return the actions that some notification still needs, in STAGE order."""
         wanted = set().union(*needs.values()) if needs else set()
         first_named = {}  # unit -> index of its first mention in the rules file

@@ -64,3 +64,20 @@ def test_fingerprint_of_a_fifo_fails_without_blocking(config_dir):
 
     with pytest.raises(certificate.CertificateError, match="not a regular file"):
         certificate.fingerprint(str(config_dir), "x.ch")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "file"])
+def test_a_non_directory_on_the_way_is_refused_without_blocking(config_dir, kind):
+    os.rmdir(config_dir / "live" / "x.ch")
+    if kind == "fifo":
+        os.mkfifo(config_dir / "live" / "x.ch")
+    else:
+        (config_dir / "live" / "x.ch").write_text("one")
+
+    with pytest.raises(certificate.CertificateError, match="x.ch is not a directory"):
+        certificate.fingerprint(str(config_dir), "x.ch")
+
+
+def test_a_missing_directory_on_the_way_says_so(config_dir):
+    with pytest.raises(certificate.CertificateError, match="cannot open: No such file or directory"):
+        certificate.fingerprint(str(config_dir), "y.ch")

@@ -174,6 +174,39 @@ def test_what_is_not_a_certificate_raises_certificate_parse_error(data, message)
         certinfo.from_pem(data)
 
 
+def reference_der_from_pem(data):
+    """The regular-expression reading der_from_pem replaced: what it must still do."""
+    import base64
+    import re
+
+    found = re.search(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", data, re.DOTALL)
+    if not found:
+        return "no PEM certificate (-----BEGIN CERTIFICATE-----) found"
+    try:
+        der = base64.b64decode(re.sub(rb"\s+", b"", found.group(1)), validate=True)
+    except ValueError as error:
+        return f"the PEM certificate is not valid base64: {error}"
+    return der or "the PEM certificate block is empty"
+
+
+@pytest.mark.parametrize("body", [
+    b"\naGVs\r\nbG8=\n", b" aGVs\tbG8=\x0b\x0c", b"\naGVsbG8\n", b"\naGVs=bG8=\n", b"\n=aGVsbG8\n",
+    b"\naGVsbG8=a\n", b"\naGVs\xa0bG8=\n", b"\naGVs-bG8=\n", b"\n\n", b"",
+])
+@pytest.mark.parametrize("before, after", [
+    (b"", b""), (b"key\n", b"\n-----END CERTIFICATE-----\n"), (b"-----BEGIN CERTIFICATE-----\n", b""),
+])
+def test_der_from_pem_reads_as_the_regular_expression_did(before, body, after):
+    data = before + b"-----BEGIN CERTIFICATE-----" + body + b"-----END CERTIFICATE-----" + after
+    for pem in (data, data.replace(b"-----END CERTIFICATE-----", b"", 1)):
+        expected = reference_der_from_pem(pem)
+        try:
+            result = certinfo.der_from_pem(pem)
+        except CertificateParseError as error:
+            result = str(error)
+        assert result == expected
+
+
 def test_truncated_der_raises_certificate_parse_error(ninety_days):
     with pytest.raises(CertificateParseError):
         certinfo.from_der(ninety_days[1][:100])
@@ -346,6 +379,7 @@ def test_parse_duration_refuses_naming_the_bad_part(value, message):
 
 def test_missing_cryptography_is_a_parse_error_that_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "cryptography", None)  # import fails as if not installed
+    monkeypatch.setattr(certinfo, "_x509", None)  # forget an import done by an earlier test
 
     with pytest.raises(CertificateParseError, match="apt-get install python3-cryptography"):
         certinfo.from_der(b"\x30\x00")

@@ -51,6 +51,8 @@ rule_selectors = st.tuples(
 @example([([], ["a"])], [("x", ["*."])])  # domain_matches: host "a", parent "" == "*."[2:]
 @example([(["[!a]*"], ["*[]"]), (["a]"], ["]x"])], [("b", ["*.a"]), ("a]", ["]X"])])
 @example([(["*ab"], ["ab*"])], [("ab", ["AB"])])  # a literal end as long as the string
+@example([([], ["*a.b*.a"]), ([], ["*a.a*.a"])], [("x", ["ba.b.a", "a.b.a", "a.a"])])  # bucketed by an infix
+@example([(["**"], ["*"])], [("", [""]), ("a", ["*.b"])])  # only stars: every string
 def test_matcher_equals_the_simple_matcher(selectors, certificates):
     rule_set = make_rules(*selectors)
     fast = matcher.Matcher(rule_set.rules)
@@ -98,6 +100,26 @@ def test_glob_characters_are_those_of_rules():
 ])
 def test_literal_ends(pattern, head, tail):
     assert matcher.literal_ends(pattern) == (head, tail)
+
+
+@pytest.mark.parametrize(("pattern", "pieces"), [
+    ("*.example.ch", [("tail", ".example.ch")]),
+    ("n*.g01.example", [("head", "n"), ("tail", ".g01.example")]),
+    ("*04.g*.example", [("tail", ".example"), ("infix", "04.g")]),
+    ("a?b*c?d", [("head", "a"), ("tail", "d"), ("infix", "b"), ("infix", "c")]),
+    ("a*[*b*]*c", [("head", "a"), ("tail", "c")]),  # inside brackets nothing is literal
+    ("*", []),
+])
+def test_literal_pieces(pattern, pieces):
+    assert matcher.literal_pieces(pattern) == pieces
+
+
+def test_a_glob_is_bucketed_by_its_least_shared_piece():
+    index = matcher.GlobIndex({0: ["*04.g*.example"], 1: ["*08.g*.example"], 2: ["*.example"]})
+
+    assert sorted(index.infixes) == ["04.g", "08.g"]
+    assert sorted(index.tails) == [".example"]
+    assert index.indices("n00004.g04.example") == {0, 2}
 
 
 def test_for_rules_builds_once_per_rules_object():
