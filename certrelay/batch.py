@@ -11,6 +11,7 @@ as if notified.
 """
 
 import dataclasses
+import functools
 import logging
 import time
 
@@ -93,9 +94,10 @@ def process(config_dir, rules, state_dir, dry_run=False, force=False):
             return Batch(spool, rules, state_dir, force, dry_run=True).settle(notifications, problems)
     with state.locked(state_dir), spool_module.Spool(config_dir).opened(create=True) as spool:
         notifications, problems = spool.claim()
-        for name in spool.remove_stale_temporary():
+        outcome = Batch(spool, rules, state_dir, force).settle(notifications, problems)
+        for name in spool.remove_stale_temporary():  # after the actions: not in their way
             logger.debug("removed %s/tmp/%s, left by a hook killed over a day ago", spool.root, name)
-        return Batch(spool, rules, state_dir, force).settle(notifications, problems)
+        return outcome
 
 
 class Batch:
@@ -106,13 +108,17 @@ class Batch:
         self.config_dir = spool.config_dir
         self.progress, self.unit_times = (state.Store(state_dir, name) for name in ("progress.json", "units.json"))
         self.ledger = state.Store(state_dir, "ledger.json", tracked=True)  # one entry per lineage: large
-        self.recorder = status.Recorder(state_dir)
         self.scanner = lineages.Scanner(self.config_dir, state_dir)
         self.scanned, self.facts = [], {}  # every lineage under live/, read once per batch
         self.fingerprints = {}  # entry -> fingerprint of the live certificate
         self.said = {"drop": "dropped", "skip": "skipped", "defer": "deferred"}
         if dry_run:
             self.said = {word: "would " + word for word in self.said}
+
+    @functools.cached_property
+    def recorder(self):
+        """status.json's Recorder, read when first needed: after the actions."""
+        return status.Recorder(self.state_dir)
 
     def drop(self, notification):
         if not self.dry_run:

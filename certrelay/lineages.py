@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 class Lineage:
     """One live/NAME: `fingerprint` (SHA-256 of cert.pem's bytes, as the ledger keeps
     it) and `facts` (certinfo.CertInfo.to_json() of its certificate), or `error`
-    saying why they are unknown. `info` makes the CertInfo only when asked: at ten
+    saying why they are unknown (the fingerprint is known if only the parse failed). `info` makes the CertInfo only when asked: at ten
     thousand lineages, most runs need only the dates and the fingerprint."""
 
     name: str
@@ -92,9 +92,12 @@ class Scanner:
 
         try:
             data = certificate.live_certificate(self.config_dir, name)
-            info = certinfo.from_pem(data)
-        except (certificate.CertificateError, certinfo.CertificateParseError) as error:
+        except certificate.CertificateError as error:
             return Lineage(name, error=str(error))
+        try:
+            info = certinfo.from_pem(data)
+        except certinfo.CertificateParseError as error:  # still a file with a fingerprint
+            return Lineage(name, certificate.sha256(data), error=str(error))
         found = Lineage(name, certificate.sha256(data), info.to_json())
         self.entries[name] = {"key": key, "fingerprint": found.fingerprint, "info": found.facts}
         self.changed()

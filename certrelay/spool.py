@@ -247,9 +247,10 @@ class Spool:
             if not NAME.fullmatch(raw_name.decode("latin-1")):
                 problems.append(self._quarantine(self.queue, raw_name, BAD_NAME))
                 continue
+            # Not synced: a rename is atomic, so a power cut at worst leaves the entry in
+            # the queue, and it is acted on again (at least once); syncing would delay
+            # every action by two disk flushes.
             os.rename(raw_name, f"{raw_name.decode()}@{self._new_id()}", src_dir_fd=queue, dst_dir_fd=claimed)
-        os.fsync(claimed)
-        os.fsync(queue)
         notifications = []
         for raw_name, result in self._read_all(self.claimed, CLAIMED_NAME):
             if isinstance(result, Notification):
@@ -319,7 +320,7 @@ class Spool:
 
 def open_directory(parent, path, create):
     """Open the directory named by the last component of `path` below the descriptor
-    `parent`, never through a symbolic link; create it first if `create`.
+    `parent`, never through a symbolic link; create it if it is missing and `create`.
 
     Return the descriptor, or None if it is missing and not `create`. Raise OSError if
     it is a symbolic link or not a directory.
@@ -327,15 +328,16 @@ def open_directory(parent, path, create):
     if parent is None:
         return None
     name = os.path.basename(path)
-    if create:
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        try:
+            return os.open(name, flags, dir_fd=parent)
+        except FileNotFoundError:
+            if not create:
+                return None
         with contextlib.suppress(FileExistsError):
             os.mkdir(name, 0o755, dir_fd=parent)
-    try:
-        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-    except FileNotFoundError:
-        if create:
-            raise
-        return None
+        return os.open(name, flags, dir_fd=parent)
     except OSError as error:
         if error.errno in (errno.ELOOP, errno.ENOTDIR):
             raise NotADirectory(error.errno, "is a symbolic link or not a directory; the spool must be"

@@ -26,8 +26,12 @@ logger = logging.getLogger(__name__)
 @contextlib.contextmanager
 def locked(state_dir):
     """Hold the state dir's lock for the `with` block, waiting for another holder."""
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    descriptor = os.open(os.path.join(state_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    path = os.path.join(state_dir, "lock")
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except FileNotFoundError:  # the first run, or a deleted state dir
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)

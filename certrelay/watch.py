@@ -88,7 +88,9 @@ class Watcher:
             self.batch_latest = now + max_wait
         self.batch_due = min(now + settle, self.batch_latest)
         logger.debug("%s; batch in %.1f s", reason, self.batch_due - now)
-        if opening:  # not per event: a burst of thousands would list the queue each time
+        # Once per window, not per event: a burst of thousands would list the queue each
+        # time; and not when the batch runs at once (settle = 0).
+        if opening and self.batch_due > now:
             self.systemd.send(f"STATUS={self.pending()} pending, batch in {self.batch_due - now:.0f} s; {self.last_status}")
 
     def pending(self):
