@@ -190,7 +190,7 @@ class Batch:
         try:
             if outcome.settled and not self.progress.data and not self.rules.settings["metrics"]:
                 # At least one full batch a day, which also checks the rules' surroundings again.
-                until = min(status.warning_due(self.scanned, self.rules), now + idle.AT_LEAST_DAILY)
+                until = status.warning_due(self.scanned, self.rules, now + idle.AT_LEAST_DAILY)
                 idle.remember(self.state_dir, self.config_dir, self.rules, self.scanner.live, until)
             else:
                 idle.forget(self.state_dir)

@@ -136,16 +136,23 @@ def expiry_alarms(scanned, rules, recorder):
     return alarmed, below
 
 
-def warning_due(scanned, rules):
+def warning_due(scanned, rules, before):
     """Return when the first certificate of `scanned` (lineages.Lineage) selected by
-    `rules` crosses an expiry threshold (epoch seconds; infinity if none will). Either
-    may come first: one can be a fraction of the lifetime, the other a duration."""
-    thresholds, due = (rules.settings["expiry-warning"], rules.settings["expiry-critical"]), float("inf")
+    `rules` crosses an expiry threshold, if before `before` (epoch seconds), else
+    `before`. Either threshold may come first: one can be a fraction of the lifetime,
+    the other a duration. Rules are matched only for the few lineages that come close."""
+    thresholds = (rules.settings["expiry-warning"], rules.settings["expiry-critical"])
+    crossings = []
     for lineage in scanned:
-        if lineage.facts is not None and rules.matching(lineage.name, lineage.domains):
+        if lineage.facts is not None:
             lifetime = lineage.not_after - lineage.not_before
-            due = min(due, lineage.not_after - max(threshold.seconds(lifetime) for threshold in thresholds))
-    return due
+            crossing = lineage.not_after - max(threshold.seconds(lifetime) for threshold in thresholds)
+            if crossing < before:
+                crossings.append((crossing, lineage.name, lineage.domains))
+    for crossing, name, domains in sorted(crossings):
+        if rules.matching(name, domains):
+            return crossing
+    return before
 
 
 def snapshot(config_dir, rules, state_dir, error=None, scanned=None):

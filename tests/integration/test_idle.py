@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from certrelay import batch, idle, rules as rules_module
+from certrelay import batch, idle, lineages, rules as rules_module, status
 from tests import certs
 from tests.writeup import WRITE_UP_CERTIFICATES
 
@@ -233,3 +233,20 @@ def test_when_the_memo_says_unchanged_a_full_batch_does_nothing(relay, change):
         os.environ["PATH"] = path
     assert relay.calls() == calls
     assert outcome.settled and outcome.summary() == "nothing pending"
+
+
+def test_warning_due_is_the_first_crossing_of_a_selected_lineage():
+    """Fractions 0.2 and 0.1 of a 100-day lifetime: the warning is crossed 20 days before
+    the end. An unselected lineage that crosses earlier does not count."""
+    day = 86400.0
+    rules = rules_module.parse(b'[[rule]]\nmatch = ["a*"]\nreload = ["apache2"]\n')
+
+    def lineage(name, not_after):
+        return lineages.Lineage(name, "f", {"domains": [], "not_before": not_after - 100 * day,
+                                            "not_after": not_after})
+
+    scanned = [lineage("b", 30 * day), lineage("a2", 50 * day), lineage("a1", 40 * day),
+               lineages.Lineage("a0", error="unreadable")]
+
+    assert status.warning_due(scanned, rules, 1000 * day) == 20 * day
+    assert status.warning_due(scanned, rules, 15 * day) == 15 * day

@@ -88,3 +88,17 @@ def test_an_unreadable_certificate_is_a_lineage_with_an_error(tmp_path):
     [found] = scan(config, state)
 
     assert found.fingerprint is None and "leading out of it" in found.error
+
+
+def test_a_certificate_that_does_not_parse_keeps_its_fingerprint(tmp_path):
+    """Reading it was fine: only the dates and domains are unknown, and the batch must
+    not read it a second time for the fingerprint."""
+    config, state = tmp_path / "le", tmp_path / "state"
+    certs.renew(str(config), "example.org")
+    with open(os.path.realpath(config / "live" / "example.org" / "cert.pem"), "wb") as file:
+        file.write(b"not a certificate\n")
+
+    [found] = scan(config, state)
+
+    assert found.fingerprint == certificate.sha256(b"not a certificate\n")
+    assert found.facts is None and "no PEM certificate" in found.error
