@@ -81,20 +81,21 @@ class Outcome:
         return ", ".join(parts)
 
 
-def process(config_dir, rules, state_dir, dry_run=False, force=False):
+def process(config_dir, rules, state_dir, dry_run=False, force=False, scanner=None):
     """Process every pending notification of `config_dir` once under `rules`, and
     whatever renewed without one.
 
     Return an `Outcome`. With `dry_run`, log the plan and change nothing; with
-    `force`, act even on certificates that did not change.
+    `force`, act even on certificates that did not change. `scanner`: a
+    lineages.Scanner kept from an earlier batch (the daemon's), else one is made.
     """
     if dry_run:
         with spool_module.Spool(config_dir).opened() as spool:
             notifications, problems = spool.peek()
-            return Batch(spool, rules, state_dir, force, dry_run=True).settle(notifications, problems)
+            return Batch(spool, rules, state_dir, force, True, scanner).settle(notifications, problems)
     with state.locked(state_dir), spool_module.Spool(config_dir).opened(create=True) as spool:
         notifications, problems = spool.claim()
-        outcome = Batch(spool, rules, state_dir, force).settle(notifications, problems)
+        outcome = Batch(spool, rules, state_dir, force, scanner=scanner).settle(notifications, problems)
         for name in spool.remove_stale_temporary():  # after the actions: not in their way
             logger.debug("removed %s/tmp/%s, left by a hook killed over a day ago", spool.root, name)
         return outcome
@@ -103,12 +104,12 @@ def process(config_dir, rules, state_dir, dry_run=False, force=False):
 class Batch:
     """One batch over claimed notifications: each step is a method, `settle` runs them."""
 
-    def __init__(self, spool, rules, state_dir, force, dry_run=False):
+    def __init__(self, spool, rules, state_dir, force, dry_run=False, scanner=None):
         self.spool, self.rules, self.state_dir, self.force, self.dry_run = spool, rules, state_dir, force, dry_run
         self.config_dir = spool.config_dir
         self.progress, self.unit_times = (state.Store(state_dir, name) for name in ("progress.json", "units.json"))
         self.ledger = state.Store(state_dir, "ledger.json", tracked=True)  # one entry per lineage: large
-        self.scanner = lineages.Scanner(self.config_dir, state_dir)
+        self.scanner = scanner or lineages.Scanner(self.config_dir, state_dir)
         self.scanned, self.facts = [], {}  # every lineage under live/, read once per batch
         self.fingerprints = {}  # entry -> fingerprint of the live certificate
         self.said = {"drop": "dropped", "skip": "skipped", "defer": "deferred"}

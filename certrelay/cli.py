@@ -121,7 +121,11 @@ def main():
 )
 @click.option("--force", is_flag=True, help="Act even on certificates that did not change since the last action.")
 def run(config_dir, rules_path, state_dir, quiet, verbose, dry_run, empty_queue_on_error, force):
-    """Process every pending notification once (for cron and the path unit)."""
+    """Process every pending notification once (for cron and the path unit).
+
+    When nothing changed since a batch that left nothing to do (the rules, live/ and
+    the spool are as it saw them: STATE_DIR/idle), say "nothing pending" at once.
+    """
     from certrelay import idle
 
     if not (dry_run or force) and idle.unchanged(config_dir, rules_path, state_dir):

@@ -13,7 +13,7 @@ import functools
 import logging
 import os
 
-from certrelay import certificate, certinfo, idle, spool, state
+from certrelay import certificate, idle, spool, state
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,8 @@ class Lineage:
 
     @functools.cached_property
     def info(self):
+        from certrelay import certinfo
+
         return certinfo.CertInfo.from_json(self.facts) if self.facts else None
 
     @property
@@ -86,6 +88,8 @@ class Scanner:
         cached = self.entries.get(name)
         if isinstance(cached, dict) and cached.get("key") == key and valid_facts(cached.get("info")):
             return Lineage(name, cached["fingerprint"], cached["info"])
+        from certrelay import certinfo  # hashlib, libcrypto: the idle daemon does without
+
         try:
             data = certificate.live_certificate(self.config_dir, name)
         except certificate.CertificateError as error:

@@ -54,8 +54,8 @@ class Store:
         self.path = os.path.join(state_dir, name)
         self.tracked, self.changed = tracked, False
         try:
-            with open(self.path, encoding="utf-8") as file:
-                self.data = json.load(file)
+            with open(self.path, "rb") as file:  # bytes: json detects UTF-8, no text layer
+                self.data = json.loads(file.read())
             if not isinstance(self.data, dict):
                 raise ValueError("not a JSON object")
         except FileNotFoundError:

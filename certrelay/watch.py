@@ -19,7 +19,7 @@ import warnings
 
 import sdnotify
 
-from certrelay import batch, rules as rules_module, spool as spool_module
+from certrelay import batch, lineages, rules as rules_module, spool as spool_module
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # pyinotify imports asyncore
@@ -66,6 +66,9 @@ class Watcher:
         self.poll_interval = poll
         self.queue = os.path.join(config_dir, "certrelay", "queue")
         self.systemd = SystemdNotify()
+        # Kept across batches: its cache (lineages.json, an entry per lineage) is read
+        # once, not per batch. A stale entry is harmless: each is keyed by a stat.
+        self.scanner = lineages.Scanner(config_dir, state_dir)
         self.batch_due = None  # monotonic time the next batch runs, or None
         self.batch_latest = None  # the settle window never pushes a batch past this
         self.retry_delay = None  # seconds; doubles while kept notifications stay
@@ -152,7 +155,7 @@ class Watcher:
         self.batch_due = self.batch_latest = None
         with self.feeding_watchdog():
             try:
-                outcome = batch.process(self.config_dir, self.rules, self.state_dir)
+                outcome = batch.process(self.config_dir, self.rules, self.state_dir, scanner=self.scanner)
                 summary = outcome.summary()
             except OSError as error:
                 summary = f"batch failed: {error}"

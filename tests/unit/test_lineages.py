@@ -102,3 +102,27 @@ def test_a_certificate_that_does_not_parse_keeps_its_fingerprint(tmp_path):
 
     assert found.fingerprint == certificate.sha256(b"not a certificate\n")
     assert found.facts is None and "no PEM certificate" in found.error
+
+
+def test_a_scanner_kept_across_batches_sees_renewals_and_saves_once(tmp_path):
+    """The daemon keeps one Scanner: lineages.json is read once, and each later scan
+    still sees a renewal, a new lineage and a removed one."""
+    config, state = tmp_path / "le", tmp_path / "state"
+    os.makedirs(state)
+    certs.renew(str(config), "a.example")
+    scanner = lineages.Scanner(str(config), str(state))
+    [first] = scanner.scan()
+    scanner.save()
+    pem = certs.renew(str(config), "a.example")
+    certs.renew(str(config), "b.example")
+
+    found = {lineage.name: lineage for lineage in scanner.scan()}
+    scanner.save()
+    shutil.rmtree(config / "live" / "b.example")
+    last = scanner.scan()
+    scanner.save()
+
+    assert found["a.example"].fingerprint == certificate.sha256(pem) != first.fingerprint
+    assert sorted(found) == ["a.example", "b.example"] and [lineage.name for lineage in last] == ["a.example"]
+    with open(state / "lineages.json", encoding="utf-8") as file:
+        assert sorted(json.load(file)) == ["a.example"]
