@@ -6,7 +6,7 @@ Usage: /usr/bin/python3 benchmarks/run.py [PART...]   (`make bench`; default: al
 Parts, each a ratio against a baseline measured in the same run:
   cold      `certrelay run` on an empty queue vs `python3 -c 'import click'` in the same
             interpreter (Debian's python3, and Python 3.13 from .cache/venv-newest when
-            present) vs the write-up's shell script (benchmarks/writeup-post.sh), hyperfine;
+            present) vs the write-up's shell script (benchmarks/writeup-post.sh), taking turns;
             plus which imports beyond click cost what (-X importtime)
   scale     10,000 pending notifications (real X.509 live certificates) and 100 rules: wall
             time, peak memory and systemctl calls, vs a naive shell loop calling systemctl
@@ -25,7 +25,7 @@ Parts, each a ratio against a baseline measured in the same run:
             (all in the ledger) vs the same run with no lineages
 
 Needs: root; Debian's /usr/bin/python3 with python3-click, -pyinotify, -sdnotify; and
-  apt-get install hyperfine inotify-tools wrk bash time
+  apt-get install inotify-tools wrk bash time
 The path-unit baseline (latency) and the downtime part boot a Debian container with
 systemd-nspawn, reusing the e2e test's code read-only: tests/e2e/rootfs.py (the cached
 root file system, built with mmdebstrap on first use, a few minutes) and
@@ -78,7 +78,8 @@ FAKE_SYSTEMCTL = REPO / "tests" / "fake_systemctl"
 RESULTS = HERE / "RESULTS.md"
 PARTS = ("cold", "scale", "latency", "idle", "downtime", "verify", "reconcile")
 
-COLD_ROUNDS = 5
+COLD_WARMUPS = 5  # turns; the first leaves the idle memo, as a cron run's predecessor would
+COLD_RUNS = 100  # measured turns: each command runs this often
 SCALE_NOTIFICATIONS = 10_000
 SCALE_SIZES = (2_500, 5_000, 10_000)  # notifications, under 100 rules: linear in notifications?
 SCALE_RULE_COUNTS = (25, 50, 100)  # rules, under 10,000 notifications: linear in rules?
@@ -383,7 +384,7 @@ def require(*tools):
     """Return a message naming the missing tools, or None."""
     missing = [tool for tool in tools if shutil.which(tool) is None and not os.access(tool, os.X_OK)]
     if missing:
-        packages = {"hyperfine": "hyperfine", "inotifywait": "inotify-tools", "wrk": "wrk",
+        packages = {"inotifywait": "inotify-tools", "wrk": "wrk",
                     "apache2": "apache2", "apachectl": "apache2", "bash": "bash",
                     "systemd-nspawn": "systemd-container", "nsenter": "util-linux", "ip": "iproute2",
                     "time": "time"}
@@ -475,8 +476,9 @@ def import_profile(python, argv, environment, runs=7):
         for module, us in times.items():
             samples.setdefault(module, []).append(us)
         importers.update(parents)
+    # Only what most runs import: the first may do more (a full batch, before the idle memo).
     return {module: (statistics.median(values), importers[module])
-            for module, values in samples.items() if module not in click_modules}
+            for module, values in samples.items() if module not in click_modules and len(values) > runs // 2}
 
 
 def import_summary(profile, count=8):
@@ -497,47 +499,59 @@ def import_summary(profile, count=8):
     return f"{total:.0f} ms of self time in {len(profile)} modules beyond click; by first importer: " + "; ".join(parts)
 
 
+def spawn_timed(argv, environment):
+    """Run `argv` (no shell) with its output discarded; return (wall s, CPU s of the child)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        started = time.perf_counter()
+        pid = os.posix_spawn(argv[0], argv, environment,
+                             file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 1), (os.POSIX_SPAWN_DUP2, devnull, 2)])
+        _, status, usage = os.wait4(pid, 0)
+        wall = time.perf_counter() - started
+    finally:
+        os.close(devnull)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {os.waitstatus_to_exitcode(status)}")
+    return wall, usage.ru_utime + usage.ru_stime
+
+
 def part_cold(work):
-    missing = require("hyperfine")
-    if missing:
-        ROWS.append(Row("cold", "start-up, nothing to do", f"not measured: {missing}"))
-        return
     sandbox = Sandbox(work / "site", WRITE_UP_RULES, systemctl=None)
-    arguments = " ".join(sandbox.arguments())
-    commands = [("writeup-post.sh", f"/bin/sh {HERE / 'writeup-post.sh'}")]
+    commands = [("writeup-post.sh", ["/bin/sh", str(HERE / "writeup-post.sh")])]
     wrappers = {}
+
+    def run_argv(wrapper, name, *flags):
+        # A state dir per command: a host has one installation, and the idle memo is
+        # only read by the Python that wrote it.
+        return [str(wrapper), "run", *flags, "--config-dir", str(sandbox.config_dir), "--rules",
+                str(sandbox.rules), "--state-dir", str(work / "state" / name)]
+
     for label, python in interpreters():
         slug = "newest" if python != PYTHON else "debian"
         wrappers[label] = install_certrelay("", work / f"compiled-{slug}", python=python)
         commands += [
-            (f"certrelay run, {label}", f"{wrappers[label]} run {arguments}"),
-            (f"import click, {label}", f"{python} -c 'import click'"),
-            (f"pass, {label}", f"{python} -c pass"),
+            (f"certrelay run, {label}", run_argv(wrappers[label], slug)),
+            (f"import click, {label}", [str(python), "-c", "import click"]),
+            (f"pass, {label}", [str(python), "-c", "pass"]),
         ]
         if python == PYTHON:
             source = install_certrelay("", work / "source", compile_=False)
-            commands.append((f"certrelay run (no .pyc), {label}", f"{source} run {arguments}"))
+            commands.append((f"certrelay run (no .pyc), {label}", run_argv(source, "source")))
             # The full batch that a changed input (or --force) brings, for reference.
-            commands.append((f"certrelay run --force, {label}", f"{wrappers[label]} run --force {arguments}"))
-    # Other load on the machine drifts; hyperfine runs one command's runs back to back.
-    # So: COLD_ROUNDS rounds, the order rotated each time, and the runs pooled.
-    environment = sandbox.environment(PYTHONDONTWRITEBYTECODE="1", CONFIG_DIR=str(sandbox.config_dir))
+            commands.append((f"certrelay run --force, {label}", run_argv(wrappers[label], "force", "--force")))
+    # Other load on the machine drifts: the commands take turns, one run each, the
+    # order rotated every turn, so that drift spreads over all of them alike.
+    # The .pyc-less copy must stay so: Python must not write __pycache__ there.
+    environment = sandbox.environment(PYTHONDONTWRITEBYTECODE="1")
     pooled = {name: {"times": [], "cpu": []} for name, _ in commands}
-    for round_number in range(COLD_ROUNDS):
-        order = commands[round_number:] + commands[:round_number]
-        export = work / f"hyperfine-{round_number + 1}.json"
-        argv = ["hyperfine", "--shell=none", "--warmup", "5", "--min-runs", "20", "--max-runs", "100",
-                "--style", "basic", "--export-json", str(export)]
-        for name, command in order:
-            argv += ["--command-name", name, command]
-        progress(f"cold: hyperfine over {len(commands)} commands, round {round_number + 1} of {COLD_ROUNDS}")
-        # The .pyc-less copy must stay so: Python must not write __pycache__ there.
-        done = subprocess.run(argv, env=environment, capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            raise RuntimeError(f"hyperfine failed:\n{done.stdout}{done.stderr}")
-        for result in json.loads(export.read_text())["results"]:
-            pooled[result["command"]]["times"] += result["times"]
-            pooled[result["command"]]["cpu"] += [result["user"] + result["system"]] * len(result["times"])
+    progress(f"cold: {len(commands)} commands, {COLD_WARMUPS} + {COLD_RUNS} runs each, taking turns")
+    for turn in range(COLD_WARMUPS + COLD_RUNS):
+        shift = turn % len(commands)
+        for name, argv in commands[shift:] + commands[:shift]:
+            wall, cpu = spawn_timed(argv, environment)
+            if turn >= COLD_WARMUPS:
+                pooled[name]["times"].append(wall)
+                pooled[name]["cpu"].append(cpu)
     if any((work / "source" / "lib" / "certrelay").glob("__pycache__")):
         raise RuntimeError("the .pyc-less certrelay copy got a __pycache__")
     results = {
@@ -578,16 +592,17 @@ def part_cold(work):
                     compare(name, "writeup-post.sh")))
     for label, python in interpreters():
         progress(f"cold: -X importtime, {label}")
-        profile = import_profile(python, [str(wrappers[label]), "run", *sandbox.arguments()],
-                                 sandbox.environment())
+        slug = "newest" if python != PYTHON else "debian"
+        profile = import_profile(python, run_argv(wrappers[label], slug), sandbox.environment())
         NOTES.append(f"cold, imports of `certrelay run` beyond click, {label} (-X importtime, median of 7;"
                      f" importtime's own overhead inflates these): {import_summary(profile)}.")
     NOTES.append(
-        f"cold: hyperfine --shell=none, {COLD_ROUNDS} rounds (command order rotated), each with 5 warm-ups and"
-        f" 20 to 100 runs per command, pooled ({min(r['runs'] for r in results.values())} runs or more per"
-        " command); the ratio is of medians (the least disturbed by other load), then of mean CPU time"
-        " (user + system). certrelay is installed as `make install` lays it out (PKGLIBDIR/certrelay + the"
-        " bin/certrelay wrapper) for each interpreter. \"no .pyc\": the modules are compiled from source at"
+        f"cold: the {len(commands)} commands take turns, one run each, the order rotated every turn:"
+        f" {COLD_WARMUPS} turns of warm-up, then {COLD_RUNS} measured (posix_spawn, output to /dev/null, wall"
+        " time around spawn and wait4, CPU time from wait4's rusage); the ratio is of medians (the least"
+        " disturbed by other load), then of mean CPU time (user + system). certrelay is installed as `make"
+        " install` lays it out (PKGLIBDIR/certrelay + the bin/certrelay wrapper) for each interpreter, each"
+        " command with its own state dir. \"no .pyc\": the modules are compiled from source at"
         " every start, which is what happens when nothing byte-compiled them at install time and the service"
         " cannot write __pycache__ (ProtectSystem=strict). The warm-ups leave the idle memo (STATE_DIR/idle) that"
         " a cron run finds when nothing changed, so `certrelay run` measures that path; `--force` always runs"
@@ -1446,7 +1461,7 @@ def main(argv):
         sys.exit(f"{PYTHON} lacks certrelay's dependencies: apt-get install python3-click python3-pyinotify"
                  f" python3-sdnotify\n{problem.stderr.strip()}")
     missing = require(*sorted({tool for part, tools in (
-        ("cold", ["hyperfine"]), ("scale", ["/usr/bin/time"]), ("latency", ["inotifywait", "bash"]), ("idle", ["inotifywait"]),
+        ("scale", ["/usr/bin/time"]), ("latency", ["inotifywait", "bash"]), ("idle", ["inotifywait"]),
         ("downtime", ["wrk"])) if part in parts for tool in tools}))
     if missing:
         print(f"warning: {missing}; the rows that need them will say \"not measured\"", file=sys.stderr)
