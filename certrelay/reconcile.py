@@ -40,14 +40,14 @@ def find(scanned, config_dir, rules, ledger, announced, progress, dry_run):
             continue
         logger.warning(
             "%s: its live certificate changed but no notification came (is the deploy hook installed"
-            " where certbot runs?); acting as if notified", name,
+            " where certbot runs?); %s as if notified", name, "would act" if dry_run else "acting",
         )
         found.append((notification(lineage, config_dir), lineage.fingerprint))
     not_served = serving_something_else(first_seen, rules, config_dir) if first_seen else set()
     for lineage in first_seen:
         if lineage.name in not_served:
             logger.warning("%s: seen for the first time, and an endpoint does not serve its live certificate;"
-                           " acting on it", lineage.name)
+                           " %s", lineage.name, "would act on it" if dry_run else "acting on it")
             found.append((notification(lineage, config_dir), lineage.fingerprint))
         elif not dry_run:
             logger.info("%s: seen for the first time; recorded, nothing done", lineage.name)

@@ -200,6 +200,20 @@ def test_renewal_whose_notification_was_lost_is_acted_on_once_by_the_next_run(re
     assert "herzbube.ch: its live certificate changed but no notification came" in result.stderr
     assert sorted(relay.calls()) == ["reload apache2.service", "restart dovecot.service", "restart exim4.service"]
     assert again.returncode == 0 and len(relay.calls()) == 3
+    assert "; acting as if notified" in result.stderr
+
+
+def test_dry_run_says_it_would_act_on_a_renewal_without_notification(relay):
+    certs.renew(relay.config_dir, "herzbube.ch")
+    assert relay.run().returncode == 0
+    certs.renew(relay.config_dir, "herzbube.ch")
+
+    result = relay.run("--dry-run")
+
+    assert "no notification came (is the deploy hook installed where certbot runs?); would act as if notified" \
+        in result.stderr, result.stderr
+    assert "would restart dovecot.service (herzbube.ch)" in result.stderr
+    assert relay.calls() == []
 
 
 # --- expiry, status, metrics, the monitoring plugin ----------------------------------
