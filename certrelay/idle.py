@@ -4,8 +4,8 @@ Cron may start a run every minute, and nearly always nothing has changed; loadin
 rules parser, logging and the batch would cost more than click itself. So a batch that
 leaves nothing to do writes a memo, STATE_DIR/idle: what its outcome depended on
 outside the state dir (the rules file's bytes, and the stat of live/ENTRY/cert.pem for
-each entry of live/) and when the first expiry warning falls due. A run that finds
-the same inputs, an empty spool and no warning due exits at once (`unchanged`), and
+each entry of live/) and when the first expiry threshold falls due. A run that finds
+the same inputs, an empty spool and no threshold due exits at once (`unchanged`), and
 touches the memo: its mtime is the time of the last run. Anything else takes the full
 batch, which writes the memo again, or removes it if something is left to do.
 
@@ -87,7 +87,7 @@ def open_plain(parent, name):
 
 def unchanged(config_dir, rules_path, state_dir):
     """Return True if a batch would do nothing: the memo's rules bytes, config dir and
-    lineages are still those, the spool is idle, no expiry warning is due, and the rules
+    lineages are still those, the spool is idle, no expiry threshold is due, and the rules
     file is still trusted (files.trust_problems, as root). Then touch the memo."""
     path = os.path.join(state_dir, MEMO)
     try:
@@ -115,7 +115,7 @@ def unchanged(config_dir, rules_path, state_dir):
 def remember(state_dir, config_dir, rules, live, until):
     """Write the memo after a batch that left nothing to do: it validated `rules`
     (rules.Rules, with the bytes it was parsed from), saw `live` (`live_keys` of
-    live/ before it began) and no expiry warning falls due before `until`."""
+    live/ before it began) and no expiry threshold falls due before `until`."""
     memo = {
         "version": [__version__, sys.hexversion], "config_dir": config_dir, "rules_path": rules.path,
         "rules": rules.data, "live": live, "until": until,
