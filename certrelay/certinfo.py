@@ -12,9 +12,6 @@ import binascii
 import dataclasses
 import datetime
 import hashlib
-import logging
-
-logger = logging.getLogger(__name__)
 
 DAY = 86400.0
 PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"

@@ -123,3 +123,11 @@ def level(info, now, warning, critical):
     if left < warning.seconds(lifetime):
         return "warning"
     return "ok"
+
+
+def ok_until(info, warning, critical):
+    """Return the last epoch time at which `level` says "ok" for `info` (the same kind
+    of argument): either threshold may be crossed first, as one can be a fraction of
+    the lifetime and the other a duration."""
+    lifetime = info.not_after - info.not_before
+    return info.not_after - max(warning.seconds(lifetime), critical.seconds(lifetime))

@@ -22,8 +22,9 @@ logger = logging.getLogger(__name__)
 class Lineage:
     """One live/NAME: `fingerprint` (SHA-256 of cert.pem's bytes, as the ledger keeps
     it) and `facts` (certinfo.CertInfo.to_json() of its certificate), or `error`
-    saying why they are unknown (the fingerprint is known if only the parse failed). `info` makes the CertInfo only when asked: at ten
-    thousand lineages, most runs need only the dates and the fingerprint."""
+    saying why they are unknown (the fingerprint is known if only the parse
+    failed). `info` makes the CertInfo only when asked: at ten thousand lineages,
+    most runs need only the dates and the fingerprint."""
 
     name: str
     fingerprint: str = None

@@ -138,15 +138,13 @@ def expiry_alarms(scanned, rules, recorder):
 
 def warning_due(scanned, rules, before):
     """Return when the first certificate of `scanned` (lineages.Lineage) selected by
-    `rules` crosses an expiry threshold, if before `before` (epoch seconds), else
-    `before`. Either threshold may come first: one can be a fraction of the lifetime,
-    the other a duration. Rules are matched only for the few lineages that come close."""
-    thresholds = (rules.settings["expiry-warning"], rules.settings["expiry-critical"])
+    `rules` stops being "ok" (durations.ok_until), if before `before` (epoch seconds),
+    else `before`. Rules are matched only for the few lineages that come close."""
+    warning, critical = rules.settings["expiry-warning"], rules.settings["expiry-critical"]
     crossings = []
     for lineage in scanned:
         if lineage.facts is not None:
-            lifetime = lineage.not_after - lineage.not_before
-            crossing = lineage.not_after - max(threshold.seconds(lifetime) for threshold in thresholds)
+            crossing = durations.ok_until(lineage, warning, critical)
             if crossing < before:
                 crossings.append((crossing, lineage.name, lineage.domains))
     for crossing, name, domains in sorted(crossings):

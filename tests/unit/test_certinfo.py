@@ -269,6 +269,7 @@ def test_level_at_and_around_the_thresholds_of_a_90_day_certificate(warning, cri
     certificate = CertInfo("0" * 64, "01", NOW + seconds_left - 90 * DAY, NOW + seconds_left)
 
     assert durations.level(certificate, NOW, warning, critical) == expected
+    assert (NOW <= durations.ok_until(certificate, warning, critical)) == (expected == "ok")
 
 
 def test_fractions_scale_with_the_lifetime_and_durations_do_not(six_days):
@@ -278,6 +279,9 @@ def test_fractions_scale_with_the_lifetime_and_durations_do_not(six_days):
     assert durations.level(short, NOW, EIGHTEEN_DAYS, NINE_DAYS) == "critical"
     assert durations.level(short, NOW + 3 * DAY, FIFTH, TENTH) == "warning"  # 1 day: 1/6 left
     assert durations.level(short, NOW + 3.5 * DAY, FIFTH, TENTH) == "critical"  # 1/12 left
+    # A fraction against a duration: whichever leaves "ok" first counts.
+    assert durations.ok_until(short, FIFTH, NINE_DAYS) == short.not_after - 9 * DAY
+    assert durations.ok_until(short, EIGHTEEN_DAYS, TENTH) == short.not_after - 18 * DAY
 
 
 def test_expired_is_critical_even_with_zero_thresholds(expired):
