@@ -81,13 +81,14 @@ class Outcome:
         return ", ".join(parts)
 
 
-def process(config_dir, rules, state_dir, dry_run=False, force=False, scanner=None):
+def process(config_dir, rules, state_dir, dry_run=False, force=False, scanner=None, stores=None):
     """Process every pending notification of `config_dir` once under `rules`, and
     whatever renewed without one.
 
     Return an `Outcome`. With `dry_run`, log the plan and change nothing; with
-    `force`, act even on certificates that did not change. `scanner`: a
-    lineages.Scanner kept from an earlier batch (the daemon's), else one is made.
+    `force`, act even on certificates that did not change. `scanner` and `stores`: a
+    lineages.Scanner and a state.Stores kept from an earlier batch (the daemon's),
+    else they are made.
     """
     if dry_run:
         with spool_module.Spool(config_dir).opened() as spool:
@@ -95,7 +96,7 @@ def process(config_dir, rules, state_dir, dry_run=False, force=False, scanner=No
             return Batch(spool, rules, state_dir, force, True, scanner).settle(notifications, problems)
     with state.locked(state_dir), spool_module.Spool(config_dir).opened(create=True) as spool:
         notifications, problems = spool.claim()
-        outcome = Batch(spool, rules, state_dir, force, scanner=scanner).settle(notifications, problems)
+        outcome = Batch(spool, rules, state_dir, force, scanner=scanner, stores=stores).settle(notifications, problems)
         for name in spool.remove_stale_temporary():  # after the actions: not in their way
             logger.debug("removed %s/tmp/%s, left by a hook killed over a day ago", spool.root, name)
         return outcome
@@ -104,11 +105,15 @@ def process(config_dir, rules, state_dir, dry_run=False, force=False, scanner=No
 class Batch:
     """One batch over claimed notifications: each step is a method, `settle` runs them."""
 
-    def __init__(self, spool, rules, state_dir, force, dry_run=False, scanner=None):
+    def __init__(self, spool, rules, state_dir, force, dry_run=False, scanner=None, stores=None):
         self.spool, self.rules, self.state_dir, self.force, self.dry_run = spool, rules, state_dir, force, dry_run
         self.config_dir = spool.config_dir
-        self.progress, self.unit_times = (state.Store(state_dir, name) for name in ("progress.json", "units.json"))
-        self.ledger = state.Store(state_dir, "ledger.json", tracked=True)  # one entry per lineage: large
+        if stores is None:
+            stores = state.Stores(state_dir)
+        else:
+            stores.refresh()
+        self.stores = stores
+        self.progress, self.unit_times, self.ledger = stores.progress, stores.unit_times, stores.ledger
         self.scanner = scanner or lineages.Scanner(self.config_dir, state_dir)
         self.scanned, self.facts = [], {}  # every lineage under live/, read once per batch
         self.fingerprints = {}  # entry -> fingerprint of the live certificate
@@ -175,8 +180,7 @@ class Batch:
             return outcome
         alarmed, below = status.expiry_alarms(self.scanned, self.rules, self.recorder)
         outcome.expiring, outcome.below_warning = len(alarmed), len(below)
-        for store in (self.progress, self.ledger, self.unit_times):
-            store.save()
+        self.stores.save()
         self.scanner.save()
         self.recorder.finished(now, self.progress.data)
         if self.rules.settings["metrics"]:

@@ -98,8 +98,8 @@ def write_atomically(path, content, mode):
     """Replace the file `path` by the bytes `content` with permissions `mode`: a
     dot-prefixed temp file in the same directory (node_exporter and haproxy skip
     dotfiles), written, given its mode, fsynced, renamed over `path`, and the directory
-    fsynced. Readers see the old file or the new one, never a part. Raise OSError; the
-    temp file is removed then."""
+    fsynced. Readers see the old file or the new one, never a part. Return the new
+    file's os.stat_result. Raise OSError; the temp file is removed then."""
     directory, base = os.path.split(path)
     directory = directory or "."
     temporary = os.path.join(directory, f".{base}.{os.getpid()}.tmp")
@@ -115,6 +115,7 @@ def write_atomically(path, content, mode):
             file.flush()
             os.fchmod(file.fileno(), mode)
             os.fsync(file.fileno())
+            written = os.fstat(file.fileno())
         os.replace(temporary, path)
     except BaseException:
         try:
@@ -127,3 +128,4 @@ def write_atomically(path, content, mode):
         os.fsync(directory_descriptor)
     finally:
         os.close(directory_descriptor)
+    return written

@@ -19,7 +19,7 @@ import warnings
 
 import sdnotify
 
-from certrelay import batch, lineages, rules as rules_module, spool as spool_module
+from certrelay import batch, lineages, rules as rules_module, spool as spool_module, state
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # pyinotify imports asyncore
@@ -69,6 +69,7 @@ class Watcher:
         # Kept across batches: its cache (lineages.json, an entry per lineage) is read
         # once, not per batch. A stale entry is harmless: each is keyed by a stat.
         self.scanner = lineages.Scanner(config_dir, state_dir)
+        self.stores = state.Stores(state_dir)  # reread per batch only if another run wrote them
         self.batch_due = None  # monotonic time the next batch runs, or None
         self.batch_latest = None  # the settle window never pushes a batch past this
         self.retry_delay = None  # seconds; doubles while kept notifications stay
@@ -155,7 +156,7 @@ class Watcher:
         self.batch_due = self.batch_latest = None
         with self.feeding_watchdog():
             try:
-                outcome = batch.process(self.config_dir, self.rules, self.state_dir, scanner=self.scanner)
+                outcome = batch.process(self.config_dir, self.rules, self.state_dir, scanner=self.scanner, stores=self.stores)
                 summary = outcome.summary()
             except OSError as error:
                 summary = f"batch failed: {error}"

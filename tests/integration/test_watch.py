@@ -287,3 +287,25 @@ def test_watch_says_in_its_status_and_log_that_a_certificate_is_close_to_expiry(
     output = process.communicate(timeout=30)[0]
 
     assert "error: herzbube.ch: the live certificate expires in 5.0 days (critical" in output
+
+
+def test_watch_sees_what_a_run_beside_it_recorded(relay, notify):
+    """The daemon keeps its state files across batches; a `certrelay run` from cron
+    that acted in between must not be undone or repeated."""
+    from tests import certs
+
+    relay.write_rules(FAST + WRITE_UP_RULES)
+    start_watch(relay, notify)
+    notify.wait_for(lambda m: "READY=1" in m)
+    relay.publish("herzbube.ch")
+    notify.wait_for(lambda m: "STATUS=last batch" in m and "3/3 action(s) done" in m)
+
+    certs.renew(relay.config_dir, "herzbube.ch")  # the hook never runs; cron's run acts on it
+    result = relay.run()
+    assert result.returncode == 0 and "no notification came" in result.stderr, result.stderr
+    assert len(relay.calls()) == 6
+
+    relay.publish("herzbube.ch", renew=False)  # a late notification of what cron acted on
+    status = notify.wait_for(lambda m: "STATUS=last batch" in m and "1 unchanged" in m)
+
+    assert len(relay.calls()) == 6, status
