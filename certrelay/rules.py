@@ -8,7 +8,6 @@ import dataclasses
 import fnmatch
 import os
 import re
-import stat
 import string
 import tomllib
 
