@@ -5,7 +5,8 @@ planted symlink could point at /etc/shadow, a FIFO or a device. So the path is w
 one component at a time from a directory descriptor (files.open_path, or for a
 directory on the way an O_PATH open that only a directory passes: nothing is opened
 before its kind is known), links resolved by hand and only inside the config dir,
-like openat2's RESOLVE_BENEATH, which Python does not offer.
+like openat2's RESOLVE_BENEATH, which Python does not offer. A `Tree` kept open for a
+scan opens the config dir, live/ and archive/ once, not once per certificate.
 """
 
 import os
@@ -38,56 +39,100 @@ def fingerprint(config_dir, name):
 
 def read_beneath(root, relative, limit):
     """Return the content (at most `limit` bytes) of the regular file `relative` below
-    the directory `root`.
+    the directory `root` (see `Tree.read`). Raise CertificateError."""
+    with Tree(root) as tree:
+        return tree.read(relative, limit)
 
-    Symbolic links are followed only while they stay below `root` (relative targets;
-    an absolute target or one `..` too many is refused). Raise CertificateError.
+
+class Tree:
+    """The directory `root`, for reading regular files below it without leaving it.
+
+    Use as a context manager: the descriptors of `root` and of the plain directories
+    right below it that a `read` passed (live/, archive/) stay open until it ends, so a
+    scan of every lineage opens them once, not once per certificate.
     """
-    try:
-        directories = [os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)]
-    except OSError as error:
-        raise CertificateError(f"cannot open {root}: {error.strerror}") from None
-    parts = components(relative)  # a stack: the next component last
-    links = 0
-    try:
-        while parts:
-            part = parts.pop()
-            if part == "..":
-                if len(directories) == 1:
-                    raise CertificateError(f"{relative} leads out of {root}")
-                os.close(directories.pop())
-                continue
-            if parts:
-                # Most components on the way are plain directories: one open that only a
-                # real directory passes (O_NOFOLLOW: a link fails with ENOTDIR) saves the
-                # fstat(); whatever fails takes the general way below, which says why.
-                try:
-                    directories.append(os.open(part, DIRECTORY, dir_fd=directories[-1]))
-                    continue
-                except OSError:
-                    pass
-            descriptor, info = files.open_path(part, directories[-1])
-            if stat.S_ISLNK(info.st_mode):
+
+    def __init__(self, root):
+        self.root = root
+        self.top = None  # O_PATH descriptor of root, once a read opened it
+        self.below = {}  # name: O_PATH descriptor of a plain directory right below root
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        for descriptor in (self.top, *self.below.values()):
+            if descriptor is not None:
                 os.close(descriptor)
-                target = os.readlink(part, dir_fd=directories[-1])
-                links += 1
-                if target.startswith("/") or links > MAX_LINKS:
-                    raise CertificateError(f"{relative} in {root} is a link leading out of it ({target!r})")
-                parts += components(target)
-            elif parts:
-                directories.append(descriptor)
-                if not stat.S_ISDIR(info.st_mode):
-                    raise CertificateError(f"{relative} in {root}: {part} is not a directory")
-            else:
-                try:
-                    return files.read_opened(descriptor, info, limit)
-                finally:
+        self.top, self.below = None, {}
+
+    def read(self, relative, limit):
+        """Return the content (at most `limit` bytes) of the regular file `relative`.
+
+        Symbolic links are followed only while they stay below `root` (relative
+        targets; an absolute target or one `..` too many is refused). Raise
+        CertificateError.
+        """
+        if self.top is None:
+            try:
+                self.top = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as error:
+                raise CertificateError(f"cannot open {self.root}: {error.strerror}") from None
+        kept = {self.top, *self.below.values()}
+        directories = [self.top]
+        parts = components(relative)  # a stack: the next component last
+        links = 0
+        try:
+            while parts:
+                part = parts.pop()
+                if part == "..":
+                    if len(directories) == 1:
+                        raise CertificateError(f"{relative} leads out of {self.root}")
+                    self.release(directories.pop(), kept)
+                    continue
+                if parts:
+                    if len(directories) == 1 and part in self.below:
+                        directories.append(self.below[part])
+                        continue
+                    # Most components on the way are plain directories: one open that only a
+                    # real directory passes (O_NOFOLLOW: a link fails with ENOTDIR) saves the
+                    # fstat(); whatever fails takes the general way below, which says why.
+                    try:
+                        directories.append(os.open(part, DIRECTORY, dir_fd=directories[-1]))
+                    except OSError:
+                        pass
+                    else:
+                        if len(directories) == 2:
+                            self.below[part] = directories[-1]
+                            kept.add(directories[-1])
+                        continue
+                descriptor, info = files.open_path(part, directories[-1])
+                if stat.S_ISLNK(info.st_mode):
                     os.close(descriptor)
-        raise CertificateError(f"{relative} names a directory")
-    except files.UnsafeFile as error:
-        raise CertificateError(f"{relative} in {root}: {error}") from None
-    finally:
-        for descriptor in directories:
+                    target = os.readlink(part, dir_fd=directories[-1])
+                    links += 1
+                    if target.startswith("/") or links > MAX_LINKS:
+                        raise CertificateError(f"{relative} in {self.root} is a link leading out of it ({target!r})")
+                    parts += components(target)
+                elif parts:
+                    directories.append(descriptor)
+                    if not stat.S_ISDIR(info.st_mode):
+                        raise CertificateError(f"{relative} in {self.root}: {part} is not a directory")
+                else:
+                    try:
+                        return files.read_opened(descriptor, info, limit)
+                    finally:
+                        os.close(descriptor)
+            raise CertificateError(f"{relative} names a directory")
+        except files.UnsafeFile as error:
+            raise CertificateError(f"{relative} in {self.root}: {error}") from None
+        finally:
+            for descriptor in directories:
+                self.release(descriptor, kept)
+
+    @staticmethod
+    def release(descriptor, kept):
+        if descriptor not in kept:
             os.close(descriptor)
 
 
@@ -105,9 +150,12 @@ def sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
-def live_certificate(config_dir, name):
-    """Return the bytes of live/NAME/cert.pem under `config_dir` (see `fingerprint`)."""
-    return read_beneath(config_dir, f"live/{name}/cert.pem", MAX_CERTIFICATE)
+def live_certificate(config_dir, name, tree=None):
+    """Return the bytes of live/NAME/cert.pem under `config_dir` (see `fingerprint`),
+    through `tree` (a Tree of `config_dir` kept open) if given."""
+    if tree is None:
+        return read_beneath(config_dir, f"live/{name}/cert.pem", MAX_CERTIFICATE)
+    return tree.read(f"live/{name}/cert.pem", MAX_CERTIFICATE)
 
 
 def pem_to_der(pem):
@@ -151,9 +199,10 @@ def archive_fingerprints(config_dir, name, limit=ARCHIVE_LIMIT):
         os.close(directory)
     names.sort(key=lambda entry: int(ARCHIVE_CERTIFICATE.fullmatch(entry).group(1)), reverse=True)
     found = set()
-    for entry in names[:limit]:
-        try:
-            found.add(der_fingerprint(read_beneath(config_dir, f"archive/{name}/{entry}", MAX_CERTIFICATE)))
-        except CertificateError:
-            continue
+    with Tree(config_dir) as tree:
+        for entry in names[:limit]:
+            try:
+                found.add(der_fingerprint(tree.read(f"archive/{name}/{entry}", MAX_CERTIFICATE)))
+            except CertificateError:
+                continue
     return found

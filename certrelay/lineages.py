@@ -78,23 +78,29 @@ class Scanner:
         self.entries = self.cache.data if self.cache else {}
         self.live = {}  # what the last scan saw under live/: idle.live_keys
 
-    def lineage(self, name, key):
-        """Return the `Lineage` for live/NAME, whose cert.pem has the stat `key`
-        (idle.live_keys; an errno if it has none), reading and parsing only what
-        changed; None if live/NAME is not a directory."""
-        if key == errno.ENOTDIR:
-            return None  # not a lineage: certbot's live/README
-        if isinstance(key, int):
-            return Lineage(name, error=f"live/{name}/cert.pem: {os.strerror(key)}")
+    def cached(self, name, key):
+        """Return the cached `Lineage` of live/NAME if its cert.pem still has the stat
+        `key` (idle.live_keys), else None."""
         cached = self.entries.get(name)
         if isinstance(cached, dict) and cached.get("key") == key and valid_facts(cached.get("info")):
             return Lineage(name, cached["fingerprint"], cached["info"])
+        return None
+
+    def read(self, name, tree):
+        """Return the bytes of live/NAME/cert.pem read through `tree` (a
+        certificate.Tree), or the CertificateError that says why they cannot be."""
+        try:
+            return certificate.live_certificate(self.config_dir, name, tree)
+        except certificate.CertificateError as error:
+            return error
+
+    def parsed(self, name, key, data):
+        """Return the `Lineage` of live/NAME from what `read` returned for its
+        cert.pem (whose stat is `key`), and cache it."""
         from certrelay import certinfo  # hashlib, libcrypto: the idle daemon does without
 
-        try:
-            data = certificate.live_certificate(self.config_dir, name)
-        except certificate.CertificateError as error:
-            return Lineage(name, error=str(error))
+        if isinstance(data, certificate.CertificateError):
+            return Lineage(name, error=str(data))
         try:
             info = certinfo.from_pem(data)
         except certinfo.CertificateParseError as error:  # still a file with a fingerprint
@@ -105,20 +111,37 @@ class Scanner:
         return found
 
     def scan(self):
-        """Return a `Lineage` for every valid name under live/, in name order; keep
-        what live/ looked like in `live` (idle.live_keys) for the idle memo."""
+        """Return a `Lineage` for every valid name under live/, in name order, reading
+        and parsing only the certificates that changed; keep what live/ looked like in
+        `live` (idle.live_keys) for the idle memo."""
         live = open_live(self.config_dir)
         try:
             self.live = idle.live_keys(live) if live is not None else {}
         finally:
             if live is not None:
                 os.close(live)
-        found = [self.lineage(name, self.live[name]) for name in sorted(self.live) if spool.NAME.fullmatch(name)]
-        found = [lineage for lineage in found if lineage]
-        for gone in set(self.entries) - {lineage.name for lineage in found}:
+        found, unread = {}, []
+        for name in sorted(self.live):
+            key = self.live[name]
+            if key == errno.ENOTDIR or not spool.NAME.fullmatch(name):
+                continue  # not a lineage: certbot's live/README
+            if isinstance(key, int):
+                found[name] = Lineage(name, error=f"live/{name}/cert.pem: {os.strerror(key)}")
+            else:
+                found[name] = self.cached(name, key)
+                if found[name] is None:
+                    unread.append(name)
+        # All reads first, then all parses: alternating them is a quarter slower at ten
+        # thousand certificates (the kernel's file code and the parser evict each other
+        # from the CPU caches).
+        with certificate.Tree(self.config_dir) as tree:
+            contents = [self.read(name, tree) for name in unread]
+        for name, data in zip(unread, contents):
+            found[name] = self.parsed(name, self.live[name], data)
+        for gone in set(self.entries) - set(found):
             del self.entries[gone]
             self.changed()
-        return found
+        return list(found.values())
 
     def changed(self):
         if self.cache is not None:

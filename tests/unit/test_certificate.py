@@ -81,3 +81,41 @@ def test_a_non_directory_on_the_way_is_refused_without_blocking(config_dir, kind
 def test_a_missing_directory_on_the_way_says_so(config_dir):
     with pytest.raises(certificate.CertificateError, match="cannot open: No such file or directory"):
         certificate.fingerprint(str(config_dir), "y.ch")
+
+
+def open_descriptors():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_kept_tree_reads_many_lineages_refuses_the_hostile_ones_and_closes_what_it_kept(config_dir):
+    """A scan reads every lineage through one Tree, which keeps live/ and archive/ open."""
+    link(config_dir, "../../archive/x.ch/cert1.pem")
+    targets = {"out.ch": "../../archive/x.ch/../../../etc/passwd", "abs.ch": "/etc/passwd", "up.ch": "../../.."}
+    for name, target in targets.items():
+        (config_dir / "live" / name).mkdir()
+        os.symlink(target, config_dir / "live" / name / "cert.pem")
+    before = open_descriptors()
+
+    with certificate.Tree(str(config_dir)) as tree:
+        assert certificate.live_certificate(str(config_dir), "x.ch", tree) == b"one"
+        for name in targets:
+            with pytest.raises(certificate.CertificateError, match="leads out|leading out"):
+                certificate.live_certificate(str(config_dir), name, tree)
+        assert certificate.live_certificate(str(config_dir), "x.ch", tree) == b"one"
+        assert sorted(tree.below) == ["archive", "live"]
+        assert open_descriptors() == before + 3  # the config dir, live/ and archive/
+
+    assert open_descriptors() == before
+
+
+def test_a_kept_tree_does_not_keep_a_linked_top_directory(config_dir, tmp_path_factory):
+    link(config_dir, "../../archive/x.ch/cert1.pem")
+    outside = tmp_path_factory.mktemp("outside")
+    os.rename(config_dir / "archive", outside / "archive")
+    os.symlink(str(outside / "archive"), config_dir / "archive")
+
+    with certificate.Tree(str(config_dir)) as tree:
+        for _ in range(2):
+            with pytest.raises(certificate.CertificateError, match="leading out"):
+                certificate.live_certificate(str(config_dir), "x.ch", tree)
+        assert "archive" not in tree.below
