@@ -277,8 +277,9 @@ class Spool:
     def _read_all(self, directory, pattern):
         """Yield (raw name, Notification or the reason it is invalid) for `directory`.
 
-        All files are read before any is parsed: alternating is about a fifth slower at
-        ten thousand notifications (the CPU caches then hold two kinds of work at once).
+        All files are read before any is parsed: alternating measured about a fifth
+        slower at ten thousand notifications (likely the CPU caches, holding both kinds
+        of work).
         """
         descriptor = self.descriptors[directory]
         contents = []  # (raw name, entry, name, the bytes or the reason they are invalid)
