@@ -47,8 +47,7 @@ class Store:
     """One JSON object in the state dir: `data` (a dict), `save()` writes it atomically.
 
     With `tracked`, the owner sets `changed` when it changes `data` (a large cache
-    then costs no comparison); otherwise `save()` compares with what was read. A
-    daemon keeps its Stores across batches and calls `refresh()` under the lock.
+    then costs no comparison); otherwise `save()` compares with what was read.
     """
 
     def __init__(self, state_dir, name, tracked=False):
@@ -58,21 +57,16 @@ class Store:
         self.data, self.saved = {}, None
         self.refresh()
 
-    def unsaved(self):
-        """True if `data` holds changes that `save()` has not written."""
-        return self.changed if self.tracked else json.dumps(self.data, sort_keys=True) != self.saved
-
-    def refresh(self):
-        """Read the file, unless `data` is what it holds: the file is the one last read
-        or saved here (same stat_key) and nothing unsaved was changed since (a batch
-        that failed half-way). Another run may have replaced it meanwhile."""
+    def refresh(self, force=False):
+        """Read the file again, unless it is the one last read or saved here (the same
+        stat_key) and not `force`: another run may have replaced it meanwhile."""
         try:
             key = stat_key(os.stat(self.path))
         except FileNotFoundError:
             key = None
         except OSError:
             key = ()  # unreadable: reading again says why
-        if key is not None and key == self.key and not self.unsaved():
+        if key is not None and key == self.key and not force:
             return
         self.changed, self.key = False, key
         try:
@@ -89,7 +83,7 @@ class Store:
 
     def save(self):
         """Write `data`, if it changed, to a temp file, fsync it, rename it over the old one."""
-        if not self.unsaved():
+        if not self.changed if self.tracked else json.dumps(self.data, sort_keys=True) == self.saved:
             return
         # Through dumps(), not indented: only that uses json's C encoder, ten times
         # faster than its Python one (a store holds an entry per lineage).
@@ -102,20 +96,25 @@ class Store:
 
 class Stores:
     """The state files a batch reads and writes: `progress`, `unit_times`, `ledger`
-    (a Store each). The daemon keeps one across batches: `refresh()`, under the lock,
-    rereads only a file that changed, which saves the batch three reads."""
+    (a Store each). The daemon keeps one across batches and calls `refresh()` under
+    the lock at the start of each: that rereads a file only if another run replaced
+    it, or all three if the last batch did not reach `save()` (what it changed in
+    memory is not on disk)."""
 
     def __init__(self, state_dir):
         self.progress, self.unit_times = (Store(state_dir, name) for name in ("progress.json", "units.json"))
         self.ledger = Store(state_dir, "ledger.json", tracked=True)  # one entry per lineage: large
+        self.saved = True  # False from refresh() until save(): a batch is using them
 
     def refresh(self):
         for store in (self.progress, self.unit_times, self.ledger):
-            store.refresh()
+            store.refresh(force=not self.saved)
+        self.saved = False
 
     def save(self):
         for store in (self.progress, self.ledger, self.unit_times):
             store.save()
+        self.saved = True
 
 
 def stat_key(info):

@@ -35,15 +35,15 @@ REWATCH_DELAY = 5.0  # seconds between attempts to watch a vanished queue again
 class SystemdNotify:
     """sd_notify messages, sent as UTF-8 (sdnotify itself encodes latin-1).
 
-    Does nothing without NOTIFY_SOCKET. Takes NOTIFY_SOCKET out of the environment so
-    that no child process can speak in the daemon's name.
+    Does nothing without NOTIFY_SOCKET. Takes NOTIFY_SOCKET and the WATCHDOG_ variables
+    out of the environment, so that no child process can speak in the daemon's name.
     """
 
     def __init__(self):
         self.socket = sdnotify.SystemdNotifier().socket if os.environ.get("NOTIFY_SOCKET") else None
         os.environ.pop("NOTIFY_SOCKET", None)
-        usec = os.environ.get("WATCHDOG_USEC", "")
-        pid = os.environ.get("WATCHDOG_PID", str(os.getpid()))
+        usec = os.environ.pop("WATCHDOG_USEC", "")
+        pid = os.environ.pop("WATCHDOG_PID", str(os.getpid()))
         enabled = usec.isdigit() and int(usec) > 0 and pid == str(os.getpid())
         #: seconds between watchdog pings (half the timeout), or None
         self.watchdog_interval = int(usec) / 2e6 if enabled else None

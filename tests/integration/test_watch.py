@@ -84,12 +84,16 @@ def test_watch_processes_what_was_pending_before_it_says_ready(relay, notify):
 
 
 def test_watch_pings_the_watchdog_when_asked_to(relay, notify):
+    relay.write_rules(FAST + WRITE_UP_RULES)
     start_watch(relay, notify, WATCHDOG_USEC="200000")
     notify.wait_for(lambda m: "READY=1" in m)
 
     for _ in range(3):
         notify.wait_for(lambda m: m == "WATCHDOG=1", timeout=5)
         notify.messages.clear()
+    relay.publish("herzbube.ch")
+    notify.wait_for(lambda m: "STATUS=last batch" in m and "3/3 action(s) done" in m)
+    assert not [call for call in relay.calls() if "leaked" in call]  # the watchdog is the daemon's alone
 
 
 def test_watch_ignores_a_watchdog_meant_for_another_process(relay, notify):

@@ -43,19 +43,24 @@ def test_refresh_reads_a_file_another_run_replaced(tmp_path):
     assert store.data == {}
 
 
-def test_refresh_drops_changes_a_failed_batch_did_not_save(tmp_path):
+def test_kept_stores_drop_what_a_batch_changed_but_did_not_save(tmp_path):
     write(str(tmp_path / "progress.json"), {})
     write(str(tmp_path / "ledger.json"), {"kept.test": "old"})
-    progress = state.Store(str(tmp_path), "progress.json")
-    ledger = state.Store(str(tmp_path), "ledger.json", tracked=True)
+    stores = state.Stores(str(tmp_path))
 
-    progress.data["entry@1"] = ["reload apache2.service"]
-    ledger.data["kept.test"] = "new"
-    ledger.changed = True
-    progress.refresh()
-    ledger.refresh()
+    stores.refresh()  # a batch starts, changes both, and fails before save()
+    stores.progress.data["entry@1"] = ["reload apache2.service"]
+    stores.ledger.data["kept.test"] = "new"
+    stores.ledger.changed = True
+    stores.refresh()  # the next batch
+    assert stores.progress.data == {} and stores.ledger.data == {"kept.test": "old"}
 
-    assert progress.data == {} and ledger.data == {"kept.test": "old"}
+    stores.ledger.data["kept.test"] = "new"
+    stores.ledger.changed = True
+    stores.save()
+    kept = stores.ledger.data
+    stores.refresh()  # saved: nothing is read again
+    assert stores.ledger.data is kept and json.load(open(tmp_path / "ledger.json")) == {"kept.test": "new"}
 
 
 def test_an_unreadable_file_is_read_again_at_the_next_refresh(tmp_path):
