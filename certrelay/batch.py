@@ -191,12 +191,16 @@ class Batch:
 
     def remember(self, outcome, now):
         """Leave the idle memo (idle.py) if this batch left nothing to do, else remove
-        it. Not with metrics: a run that skips the batch would not rewrite them."""
+        it. Not with metrics: a run that skips the batch would not rewrite them. Not
+        with installs: their checks (users, groups, destination directories) depend on
+        the host, not on the rules file's bytes, and every run must make them."""
         try:
-            if outcome.settled and not self.progress.data and not self.rules.settings["metrics"]:
+            rules = self.rules
+            if (outcome.settled and not self.progress.data and not rules.settings["metrics"]
+                    and not any(rule.install for rule in rules.rules)):
                 # At least one full batch a day, which also checks the rules' surroundings again.
-                until = status.warning_due(self.scanned, self.rules, now + idle.AT_LEAST_DAILY)
-                idle.remember(self.state_dir, self.config_dir, self.rules, self.scanner.live, until)
+                until = status.warning_due(self.scanned, rules, now + idle.AT_LEAST_DAILY)
+                idle.remember(self.state_dir, self.config_dir, rules, self.scanner.live, until)
             else:
                 idle.forget(self.state_dir)
         except OSError as error:

@@ -250,3 +250,20 @@ def test_warning_due_is_the_first_crossing_of_a_selected_lineage():
 
     assert status.warning_due(scanned, rules, 1000 * day) == 20 * day
     assert status.warning_due(scanned, rules, 15 * day) == 15 * day
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="installs are checked as root only")
+def test_no_memo_with_installs(relay, root):
+    """What loading an install checks (that its owner and group exist) is the host's,
+    not the rules file's bytes: every run loads the rules again."""
+    relay.write_rules(
+        '[settings]\nmin-interval = 0\n\n[[rule]]\nmatch = ["example.test"]\nreload = ["haproxy"]\n\n'
+        f'  [[rule.install]]\n  dest = "{root}/{{name}}.pem"\n  content = ["fullchain", "privkey"]\n'
+        '  group = "root"\n'
+    )
+    certs.renew(relay.config_dir, "example.test")
+    relay.publish("example.test", renew=False)
+
+    assert relay.run().returncode == 0
+    assert not os.path.exists(os.path.join(relay.state_dir, idle.MEMO))
+    assert not skipped(relay)[0]
