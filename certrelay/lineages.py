@@ -13,7 +13,7 @@ import functools
 import logging
 import os
 
-from certrelay import certificate, idle, spool, state
+from certrelay import certificate, files, idle, spool, state
 
 logger = logging.getLogger(__name__)
 
@@ -131,12 +131,11 @@ class Scanner:
                 found[name] = self.cached(name, key)
                 if found[name] is None:
                     unread.append(name)
-        # All reads first, then all parses: alternating them measured a quarter slower at
-        # ten thousand certificates (likely the CPU caches, holding both kinds of work).
         with certificate.Tree(self.config_dir) as tree:
-            contents = [self.read(name, tree) for name in unread]
-        for name, data in zip(unread, contents):
-            found[name] = self.parsed(name, self.live[name], data)
+            for start in range(0, len(unread), files.READ_AHEAD):  # reads first, then parses
+                names = unread[start:start + files.READ_AHEAD]
+                for name, data in zip(names, [self.read(name, tree) for name in names]):
+                    found[name] = self.parsed(name, self.live[name], data)
         for gone in set(self.entries) - set(found):
             del self.entries[gone]
             self.changed()

@@ -275,34 +275,35 @@ class Spool:
         return notifications, problems
 
     def _read_all(self, directory, pattern):
-        """Yield (raw name, Notification or the reason it is invalid) for `directory`.
-
-        All files are read before any is parsed: alternating measured about a fifth
-        slower at ten thousand notifications (likely the CPU caches, holding both kinds
-        of work).
-        """
+        """Yield (raw name, Notification or the reason it is invalid) for `directory`,
+        reading files.READ_AHEAD files before parsing them."""
         descriptor = self.descriptors[directory]
-        contents = []  # (raw name, entry, name, the bytes or the reason they are invalid)
-        for raw_name in sorted(list_names(descriptor)):
-            found = pattern.fullmatch(raw_name.decode("latin-1"))
-            if not found:
-                reason = BAD_NAME if pattern is NAME else "not a name certrelay gives claimed entries"
-                contents.append((raw_name, None, None, reason))
-                continue
-            entry = raw_name.decode()
-            try:
-                data = files.read_regular(entry, descriptor, MAX_SIZE)
-            except files.UnsafeFile as error:
-                data = str(error)
-            contents.append((raw_name, entry, found.groupdict().get("name", entry), data))
-        for raw_name, entry, name, data in contents:
-            if isinstance(data, str):
-                yield raw_name, data
-                continue
-            try:
-                yield raw_name, parse(data, name, entry)
-            except InvalidNotification as error:
-                yield raw_name, str(error)
+        names = sorted(list_names(descriptor))
+        for start in range(0, len(names), files.READ_AHEAD):
+            # (raw name, entry, name, the bytes or the reason they are invalid)
+            contents = [self._read_entry(descriptor, pattern, raw_name)
+                        for raw_name in names[start:start + files.READ_AHEAD]]
+            for raw_name, entry, name, data in contents:
+                if isinstance(data, str):
+                    yield raw_name, data
+                    continue
+                try:
+                    yield raw_name, parse(data, name, entry)
+                except InvalidNotification as error:
+                    yield raw_name, str(error)
+
+    @staticmethod
+    def _read_entry(descriptor, pattern, raw_name):
+        """Return (raw name, entry, name, its bytes or the reason it is invalid)."""
+        found = pattern.fullmatch(raw_name.decode("latin-1"))
+        if not found:
+            return raw_name, None, None, BAD_NAME if pattern is NAME else "not a name certrelay gives claimed entries"
+        entry = raw_name.decode()
+        try:
+            data = files.read_regular(entry, descriptor, MAX_SIZE)
+        except files.UnsafeFile as error:
+            data = str(error)
+        return raw_name, entry, found.groupdict().get("name", entry), data
 
     def done(self, notification):
         """Delete a notification whose every action succeeded (or that nothing needs)."""

@@ -156,7 +156,8 @@ class Watcher:
         self.batch_due = self.batch_latest = None
         with self.feeding_watchdog():
             try:
-                outcome = batch.process(self.config_dir, self.rules, self.state_dir, scanner=self.scanner, stores=self.stores)
+                outcome = batch.process(self.config_dir, self.rules, self.state_dir,
+                                        scanner=self.scanner, stores=self.stores)
                 summary = outcome.summary()
             except OSError as error:
                 summary = f"batch failed: {error}"

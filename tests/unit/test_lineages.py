@@ -126,3 +126,26 @@ def test_a_scanner_kept_across_batches_sees_renewals_and_saves_once(tmp_path):
     assert sorted(found) == ["a.example", "b.example"] and [lineage.name for lineage in last] == ["a.example"]
     with open(state / "lineages.json", encoding="utf-8") as file:
         assert sorted(json.load(file)) == ["a.example"]
+
+
+def test_a_scan_reads_ahead_a_bounded_number_and_keeps_the_name_order(tmp_path, monkeypatch):
+    """Certificates are read files.READ_AHEAD at a time, then parsed: across the
+    bounds every lineage keeps its own certificate, a broken one its own error."""
+    from certrelay import files
+
+    monkeypatch.setattr(files, "READ_AHEAD", 2)
+    config, state = tmp_path / "le", tmp_path / "state"
+    names = [f"n{index}.example" for index in range(5)]
+    pems = {name: certs.renew(str(config), name) for name in names}
+    os.unlink(config / "live" / "n2.example" / "cert.pem")
+    os.symlink("/etc/passwd", config / "live" / "n2.example" / "cert.pem")
+
+    found = scan(config, state)
+
+    assert [lineage.name for lineage in found] == names
+    for lineage in found:
+        if lineage.name == "n2.example":
+            assert lineage.fingerprint is None and "leading out" in lineage.error
+        else:
+            assert lineage.fingerprint == certificate.sha256(pems[lineage.name])
+            assert lineage.domains == (lineage.name, f"*.{lineage.name}")
