@@ -24,7 +24,9 @@ def main(queue, unit):
 
     manager = pyinotify.WatchManager()
     manager.add_watch(queue, pyinotify.IN_MOVED_TO | pyinotify.IN_CLOSE_WRITE)
-    pyinotify.Notifier(manager, default_proc_fun=arrived).loop()
+    notifier = pyinotify.Notifier(manager, default_proc_fun=arrived)
+    print(f"watching {queue}", file=sys.stderr, flush=True)  # run.py waits for this line
+    notifier.loop()
 
 
 if __name__ == "__main__":

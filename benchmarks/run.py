@@ -949,19 +949,17 @@ def part_latency(work, get_container):
         notify.close()
     contenders["watch"] = ("certrelay watch", sandbox,
                            lambda sandbox=sandbox: not os.listdir(sandbox.queue) and not os.listdir(sandbox.claimed))
-    for key, label, argv in (
-        ("inotify", "inotifywait loop", ["/bin/sh", str(HERE / "inotify-loop.sh")]),
-        ("floor", "latency-floor.py", [PYTHON, str(HERE / "latency-floor.py")]),
+    for key, label, argv, ready_line in (
+        ("inotify", "inotifywait loop", ["/bin/sh", str(HERE / "inotify-loop.sh")], b"Watches established"),
+        ("floor", "latency-floor.py", [PYTHON, str(HERE / "latency-floor.py")], b"watching "),
     ):
         sandbox = Sandbox(work / key, LATENCY_RULES, systemctl=HERE / "stamp-systemctl")
         log = work / f"{key}.log"
         with open(log, "wb") as output:
             PROCESSES.start([*argv, str(sandbox.queue), "apache2.service"], group=True, env=sandbox.environment(),
                             stdout=subprocess.DEVNULL, stderr=output)
-        if key == "inotify":
-            wait_for(lambda: b"Watches established" in log.read_bytes(), 15, "inotifywait to watch", 0.02)
+        wait_for(lambda: ready_line in log.read_bytes(), 15, f"{label} to watch", 0.02)
         contenders[key] = (label, sandbox, lambda sandbox=sandbox: not os.listdir(sandbox.queue))
-    time.sleep(1)  # the floor has no ready signal: give its import time
     progress(f"latency: certrelay watch (settle = 0), inotifywait loop, floor: {LATENCY_PUBLICATIONS} publications each")
     results = {key: [] for key in contenders}
     for index in range(LATENCY_PUBLICATIONS):
