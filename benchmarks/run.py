@@ -499,6 +499,13 @@ def import_summary(profile, count=8):
     return f"{total:.0f} ms of self time in {len(profile)} modules beyond click; by first importer: " + "; ".join(parts)
 
 
+def rotated(items, turn):
+    """Return the list `items` rotated left by `turn`: contenders taking turns start in
+    a different order every turn, so that load drift hits all alike."""
+    shift = turn % len(items)
+    return items[shift:] + items[:shift]
+
+
 def spawn_timed(argv, environment):
     """Run `argv` (no shell) with its output discarded; return (wall s, CPU s of the child)."""
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -518,7 +525,7 @@ def spawn_timed(argv, environment):
 def part_cold(work):
     sandbox = Sandbox(work / "site", WRITE_UP_RULES, systemctl=None)
     commands = [("writeup-post.sh", ["/bin/sh", str(HERE / "writeup-post.sh")])]
-    wrappers = {}
+    wrappers, runs = {}, {}  # label: installed wrapper; label: its `certrelay run` argv
 
     def run_argv(wrapper, name, *flags):
         # A state dir per command: a host has one installation, and the idle memo is
@@ -529,8 +536,9 @@ def part_cold(work):
     for label, python in interpreters():
         slug = "newest" if python != PYTHON else "debian"
         wrappers[label] = install_certrelay("", work / f"compiled-{slug}", python=python)
+        runs[label] = run_argv(wrappers[label], slug)
         commands += [
-            (f"certrelay run, {label}", run_argv(wrappers[label], slug)),
+            (f"certrelay run, {label}", runs[label]),
             (f"import click, {label}", [str(python), "-c", "import click"]),
             (f"pass, {label}", [str(python), "-c", "pass"]),
         ]
@@ -546,8 +554,7 @@ def part_cold(work):
     pooled = {name: {"times": [], "cpu": []} for name, _ in commands}
     progress(f"cold: {len(commands)} commands, {COLD_WARMUPS} + {COLD_RUNS} runs each, taking turns")
     for turn in range(COLD_WARMUPS + COLD_RUNS):
-        shift = turn % len(commands)
-        for name, argv in commands[shift:] + commands[:shift]:
+        for name, argv in rotated(commands, turn):
             wall, cpu = spawn_timed(argv, environment)
             if turn >= COLD_WARMUPS:
                 pooled[name]["times"].append(wall)
@@ -592,8 +599,7 @@ def part_cold(work):
                     compare(name, "writeup-post.sh")))
     for label, python in interpreters():
         progress(f"cold: -X importtime, {label}")
-        slug = "newest" if python != PYTHON else "debian"
-        profile = import_profile(python, run_argv(wrappers[label], slug), sandbox.environment())
+        profile = import_profile(python, runs[label], sandbox.environment())
         NOTES.append(f"cold, imports of `certrelay run` beyond click, {label} (-X importtime, median of 7;"
                      f" importtime's own overhead inflates these): {import_summary(profile)}.")
     NOTES.append(
@@ -768,7 +774,7 @@ def part_scale(work):
     measured = {config: [] for config in configs + [FLOOR]}
     for round_number in range(SCALE_REPEATS):
         turns = configs + [FLOOR]
-        for count, rule_count in turns[round_number % len(turns):] + turns[:round_number % len(turns)]:
+        for count, rule_count in rotated(turns, round_number):
             tag = f"{count}-{rule_count}-{round_number}"
             if (count, rule_count) == FLOOR:
                 progress(f"scale: the floor, {SCALE_NOTIFICATIONS:,} notifications (round {round_number + 1})")
@@ -964,7 +970,7 @@ def part_latency(work, get_container):
     results = {key: [] for key in contenders}
     for index in range(LATENCY_PUBLICATIONS):
         keys = list(contenders)
-        for key in keys[index % len(keys):] + keys[:index % len(keys)]:
+        for key in rotated(keys, index):
             label, sandbox, ready = contenders[key]
             results[key] += measure_latency(sandbox, label, ready, count=1)
     PROCESSES.stop_all()

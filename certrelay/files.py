@@ -47,11 +47,21 @@ def trust_problems(path, file_stat):
     return problems
 
 
-#: Files read before any of them is parsed, when many are: reading and parsing in turn
-#: measured a fifth to a quarter slower at ten thousand files (likely the CPU caches,
-#: holding both kinds of work). The bound keeps what a hostile spool or live/ can make
-#: certrelay hold in memory (at most 64 KiB a file) to 4 MiB.
-READ_AHEAD = 64
+READ_AHEAD = 64  # files read before any of them is parsed: see read_ahead()
+
+
+def read_ahead(items, read):
+    """Yield (item, read(item)) for each of `items` (a sequence) in order, calling `read`
+    for READ_AHEAD items before yielding the first of them.
+
+    For many files, reading and parsing in turn measured a fifth to a quarter slower
+    than reading a batch, then parsing it (likely the CPU caches, holding both kinds of
+    work). The bound keeps what a hostile spool or live/ can make certrelay hold in
+    memory (at most 64 KiB a file) to 4 MiB.
+    """
+    for start in range(0, len(items), READ_AHEAD):
+        batch = items[start:start + READ_AHEAD]
+        yield from zip(batch, [read(item) for item in batch])
 
 
 class UnsafeFile(Exception):

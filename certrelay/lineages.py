@@ -132,10 +132,8 @@ class Scanner:
                 if found[name] is None:
                     unread.append(name)
         with certificate.Tree(self.config_dir) as tree:
-            for start in range(0, len(unread), files.READ_AHEAD):  # reads first, then parses
-                names = unread[start:start + files.READ_AHEAD]
-                for name, data in zip(names, [self.read(name, tree) for name in names]):
-                    found[name] = self.parsed(name, self.live[name], data)
+            for name, data in files.read_ahead(unread, functools.partial(self.read, tree=tree)):
+                found[name] = self.parsed(name, self.live[name], data)
         for gone in set(self.entries) - set(found):
             del self.entries[gone]
             self.changed()

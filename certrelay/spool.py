@@ -14,6 +14,7 @@ following links or blocking, sizes are bounded, and contents are parsed strictly
 import contextlib
 import dataclasses
 import errno
+import functools
 import os
 import re
 import stat
@@ -276,34 +277,31 @@ class Spool:
 
     def _read_all(self, directory, pattern):
         """Yield (raw name, Notification or the reason it is invalid) for `directory`,
-        reading files.READ_AHEAD files before parsing them."""
+        the files read ahead of their parsing (files.read_ahead)."""
         descriptor = self.descriptors[directory]
         names = sorted(list_names(descriptor))
-        for start in range(0, len(names), files.READ_AHEAD):
-            # (raw name, entry, name, the bytes or the reason they are invalid)
-            contents = [self._read_entry(descriptor, pattern, raw_name)
-                        for raw_name in names[start:start + files.READ_AHEAD]]
-            for raw_name, entry, name, data in contents:
-                if isinstance(data, str):
-                    yield raw_name, data
-                    continue
-                try:
-                    yield raw_name, parse(data, name, entry)
-                except InvalidNotification as error:
-                    yield raw_name, str(error)
+        read = functools.partial(self._read_entry, descriptor, pattern)
+        for raw_name, (entry, name, data) in files.read_ahead(names, read):
+            if isinstance(data, str):
+                yield raw_name, data
+                continue
+            try:
+                yield raw_name, parse(data, name, entry)
+            except InvalidNotification as error:
+                yield raw_name, str(error)
 
     @staticmethod
     def _read_entry(descriptor, pattern, raw_name):
-        """Return (raw name, entry, name, its bytes or the reason it is invalid)."""
+        """Return (entry, name, its bytes or the reason it is invalid) for `raw_name`."""
         found = pattern.fullmatch(raw_name.decode("latin-1"))
         if not found:
-            return raw_name, None, None, BAD_NAME if pattern is NAME else "not a name certrelay gives claimed entries"
+            return None, None, BAD_NAME if pattern is NAME else "not a name certrelay gives claimed entries"
         entry = raw_name.decode()
         try:
             data = files.read_regular(entry, descriptor, MAX_SIZE)
         except files.UnsafeFile as error:
             data = str(error)
-        return raw_name, entry, found.groupdict().get("name", entry), data
+        return entry, found.groupdict().get("name", entry), data
 
     def done(self, notification):
         """Delete a notification whose every action succeeded (or that nothing needs)."""

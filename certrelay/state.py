@@ -60,25 +60,25 @@ class Store:
     def refresh(self, force=False):
         """Read the file again, unless it is the one last read or saved here (the same
         stat_key) and not `force`: another run may have replaced it meanwhile."""
-        try:
-            key = stat_key(os.stat(self.path))
-        except FileNotFoundError:
-            key = None
-        except OSError:
-            key = ()  # unreadable: reading again says why
-        if key is not None and key == self.key and not force:
-            return
-        self.changed, self.key = False, key
+        if self.key is not None and not force:
+            try:
+                if stat_key(os.stat(self.path)) == self.key:
+                    return
+            except OSError:
+                pass  # gone or unreadable: reading says which
+        self.changed, self.key = False, None
         try:
             with open(self.path, "rb") as file:  # bytes: json detects UTF-8, no text layer
+                key = stat_key(os.fstat(file.fileno()))
                 self.data = json.loads(file.read())
             if not isinstance(self.data, dict):
                 raise ValueError("not a JSON object")
+            self.key = key
         except FileNotFoundError:
             self.data = {}
         except (OSError, ValueError) as error:
             logger.warning("ignoring unreadable state file %s: %s", self.path, error)
-            self.data, self.key = {}, None
+            self.data = {}
         self.saved = None if self.tracked else json.dumps(self.data, sort_keys=True)
 
     def save(self):
