@@ -35,7 +35,7 @@ SHELL_SCRIPTS = hooks/certrelay-hook tests/fake_systemctl tests/acme_hooks/auth-
 	debian/certrelay.postinst debian/certrelay.postrm debian/tests/smoke
 
 .PHONY: all install uninstall install-hook test lint test-system test-newest e2e demo bench clean \
-	deb lintian package
+	deb lintian package fresh-check mutants
 
 all: $(BUILT)
 
@@ -161,6 +161,14 @@ demo:
 
 bench:
 	$(PYTHON) benchmarks/run.py
+
+# The README's quick start, as written, in a fresh minimal Debian 12 (tools/fresh-check).
+fresh-check:
+	tools/fresh-check
+
+# Mutation testing (mutmut 3) of the code that runs after a renewal; not part of test.
+mutants:
+	tools/mutants
 
 clean:
 	rm -rf build .cache/venv-newest
