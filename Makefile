@@ -15,11 +15,25 @@ RULES ?= $(SYSCONFDIR)/certrelay/rules.toml
 DOCKER ?= /usr/bin/docker
 # The server's own python3: with Debian's python3-click, -pyinotify, -sdnotify, no pip.
 PYTHON ?= /usr/bin/python3
-# The newest Python, with the newest packages from PyPI, for the second test run.
-PYTHON_NEWEST ?= $(lastword $(wildcard /usr/bin/python3.13 /usr/local/bin/python3.13 \
-	$(HOME)/.pyenv/versions/3.13*/bin/python3.13))
+# The newest Python found, for the second test run with the newest releases from PyPI;
+# on a plain Debian 12 that is its own python3 (3.11), still with PyPI's newest releases.
+NEWEST_CANDIDATES = $(foreach version,3.14 3.13 3.12,$(wildcard /usr/bin/python$(version) \
+	/usr/local/bin/python$(version) $(HOME)/.pyenv/versions/$(version)*/bin/python$(version)))
+PYTHON_NEWEST ?= $(or $(firstword $(NEWEST_CANDIDATES)),$(PYTHON))
 VENV_NEWEST = .cache/venv-newest
-PYTEST_FLAGS ?= -q
+# -rs: every skipped test says why.
+PYTEST_FLAGS ?= -q -rs
+# As root, `make test` has installed every component first (test-deps): there a test
+# that would skip for want of one fails instead (tests/conftest.py).
+STRICT = $(if $(filter 0,$(shell id -u)),CERTRELAY_NO_SKIP=1)
+# What `make test` needs on Debian 12; tools/need installs the missing ones as root.
+TEST_PACKAGES = make python3 python3-venv python3-pip python3-click python3-pyinotify \
+	python3-sdnotify python3-pytest python3-hypothesis python3-cryptography \
+	busybox-static dash posh mksh yash shellcheck strace inotify-tools \
+	pebble openssl ca-certificates util-linux mount \
+	systemd systemd-container mmdebstrap \
+	build-essential debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+	lintian man-db
 
 UNITS = certrelay.path certrelay.service certrelay-retry.timer certrelay-watch.service \
         certbot-docker-renew.service certbot-docker-renew.timer
@@ -32,9 +46,9 @@ SUBSTITUTE = sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@PKGLIBDIR@|$(PKGLIBDIR)|g' \
 	-e 's|@DOCKER@|$(DOCKER)|g'
 SHELL_SCRIPTS = hooks/certrelay-hook tests/fake_systemctl tests/acme_hooks/auth-hook \
 	tests/acme_hooks/cleanup-hook demo/demo.sh demo/systemctl demo/shell-probe-hook \
-	debian/certrelay.postinst debian/certrelay.postrm debian/tests/smoke
+	debian/certrelay.postinst debian/certrelay.postrm debian/tests/smoke tools/need
 
-.PHONY: all install uninstall install-hook test lint test-system test-newest e2e demo bench clean \
+.PHONY: all install uninstall install-hook test test-deps lint test-system test-newest e2e demo bench clean \
 	deb lintian package fresh-check mutants
 
 all: $(BUILT)
@@ -98,7 +112,10 @@ uninstall:
 install-hook:
 	install -D -m 0755 hooks/certrelay-hook $(DESTDIR)$(CONFIG_DIR)/renewal-hooks/deploy/certrelay-hook
 
-test: lint test-system test-newest package e2e
+test: test-deps lint test-system test-newest package e2e
+
+test-deps:
+	@sh tools/need test $(TEST_PACKAGES)
 
 # systemd-analyze verify wants every Exec path to exist: install into build/verify and
 # point the units there (docker: the client on PATH, else a stand-in binary).
@@ -113,21 +130,27 @@ lint: all
 	rm -rf build/verify && $(MAKE) --no-print-directory -B all >/dev/null
 
 test-system:
-	$(PYTHON) -m pytest $(PYTEST_FLAGS) -m "not e2e" tests
+	$(STRICT) $(PYTHON) -m pytest $(PYTEST_FLAGS) -m "not e2e" tests
 
-test-newest: $(VENV_NEWEST)/ok
-	$(VENV_NEWEST)/bin/python -m pytest $(PYTEST_FLAGS) -m "not e2e" tests
-
-$(VENV_NEWEST)/ok:
-	@test -n "$(PYTHON_NEWEST)" || { echo "no python3.13 found: set PYTHON_NEWEST=" >&2; exit 1; }
-	$(PYTHON_NEWEST) -m venv $(VENV_NEWEST)
-	$(VENV_NEWEST)/bin/pip install -q --upgrade click pyinotify sdnotify pyasyncore pytest hypothesis cryptography
-	touch $@
+# The venv is made again when PYTHON_NEWEST changes, and brought to the newest
+# releases on every run (that is its point).
+NEWEST_REQUIREMENTS = click pyinotify sdnotify 'pyasyncore; python_version >= "3.12"' cryptography \
+	pytest hypothesis
+test-newest:
+	@if [ "$$(cat $(VENV_NEWEST)/made-with 2>/dev/null)" != "$(PYTHON_NEWEST)" ]; then \
+		rm -rf $(VENV_NEWEST) && $(PYTHON_NEWEST) -m venv $(VENV_NEWEST) && \
+		echo "$(PYTHON_NEWEST)" > $(VENV_NEWEST)/made-with; fi
+	$(VENV_NEWEST)/bin/pip install -q --upgrade $(NEWEST_REQUIREMENTS)
+	@$(VENV_NEWEST)/bin/python -c 'import importlib.metadata as m, platform, sys; \
+		print("test-newest: Python", platform.python_version(), "(" + sys.argv[1] + ") with", \
+		", ".join(n + " " + m.version(n) for n in ("click", "cryptography", "pyinotify", "sdnotify")))' \
+		"$(PYTHON_NEWEST)"
+	$(STRICT) $(VENV_NEWEST)/bin/python -m pytest $(PYTEST_FLAGS) -m "not e2e" tests
 
 # The end-to-end test on a booted systemd: needs root and systemd-nspawn.
 e2e:
 	@if [ "$$(id -u)" = 0 ] && command -v systemd-nspawn >/dev/null; then \
-		$(PYTHON) -m pytest $(PYTEST_FLAGS) -m e2e tests/e2e; \
+		$(STRICT) $(PYTHON) -m pytest $(PYTEST_FLAGS) -m e2e tests/e2e; \
 	else echo "e2e: skipped (needs root and systemd-nspawn)"; fi
 
 # The Debian package, built from a copy of the tree (nothing from .cache/ or build/

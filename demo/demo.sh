@@ -15,19 +15,9 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-packages="pebble busybox-static python3 python3-venv python3-click python3-pyinotify python3-sdnotify openssl util-linux mount"
-missing=""
-for package in $packages; do
-    if ! dpkg-query -W -f '${Status}' "$package" 2>/dev/null | grep -q 'ok installed'; then
-        missing="$missing $package"
-    fi
-done
-if [ -n "$missing" ]; then
-    echo "==> Installing Debian packages:$missing"
-    apt-get update -qq
-    # shellcheck disable=SC2086 # one word per package
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
-fi
+# python3-cryptography: certrelay reads certificate dates with it (status, alarms).
+sh "$here/../tools/need" demo pebble busybox-static python3 python3-venv python3-click \
+    python3-pyinotify python3-sdnotify python3-cryptography openssl util-linux mount
 
 # Debian's python3: certrelay runs on it with Debian's packages only, as on a server.
 exec /usr/bin/python3 "$here/demo.py" "$@"
