@@ -44,7 +44,7 @@ SUBSTITUTE = sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@PKGLIBDIR@|$(PKGLIBDIR)|g' \
 	-e 's|@DOCDIR@|$(DOCDIR)|g' -e 's|@CONFIG_DIR@|$(CONFIG_DIR)|g' \
 	-e 's|@STATE_DIR@|$(STATE_DIR)|g' -e 's|@RULES@|$(RULES)|g' -e 's|@PYTHON@|$(PYTHON)|g' \
 	-e 's|@DOCKER@|$(DOCKER)|g'
-SHELL_SCRIPTS = hooks/certrelay-hook tests/fake_systemctl tests/acme_hooks/auth-hook \
+SHELL_SCRIPTS = certrelay/certrelay-hook tests/fake_systemctl tests/acme_hooks/auth-hook \
 	tests/acme_hooks/cleanup-hook demo/demo.sh demo/systemctl demo/shell-probe-hook \
 	debian/certrelay.postinst debian/certrelay.postrm debian/tests/smoke tools/need
 
@@ -86,10 +86,13 @@ build/completion/_certrelay: $(wildcard certrelay/*.py)
 install: all
 	install -d $(DESTDIR)$(PKGLIBDIR)/certrelay
 	install -m 0644 certrelay/*.py $(DESTDIR)$(PKGLIBDIR)/certrelay/
+	install -m 0755 certrelay/certrelay-hook $(DESTDIR)$(PKGLIBDIR)/certrelay/
 	# Byte-compile now: under ProtectSystem=strict the service could not cache it.
 	$(PYTHON) -m compileall -q -d $(PKGLIBDIR)/certrelay $(DESTDIR)$(PKGLIBDIR)/certrelay
 	install -D -m 0755 build/bin/certrelay $(DESTDIR)$(BINDIR)/certrelay
-	install -D -m 0755 hooks/certrelay-hook $(DESTDIR)$(SHAREDIR)/certrelay-hook
+	# The hook lives in the package (hook.py finds it there); SHAREDIR keeps a link to it.
+	install -d $(DESTDIR)$(SHAREDIR)
+	ln -sf $(PKGLIBDIR)/certrelay/certrelay-hook $(DESTDIR)$(SHAREDIR)/certrelay-hook
 	install -D -m 0644 etc/rules.toml $(DESTDIR)$(SHAREDIR)/rules.toml.example
 	install -D -m 0644 README.md $(DESTDIR)$(DOCDIR)/README.md
 	install -D -m 0644 build/man/certrelay.8 $(DESTDIR)$(MANDIR)/man8/certrelay.8
@@ -110,7 +113,7 @@ uninstall:
 
 # Put the hook where certbot runs deploy hooks (the certbot container sees it there).
 install-hook:
-	install -D -m 0755 hooks/certrelay-hook $(DESTDIR)$(CONFIG_DIR)/renewal-hooks/deploy/certrelay-hook
+	install -D -m 0755 certrelay/certrelay-hook $(DESTDIR)$(CONFIG_DIR)/renewal-hooks/deploy/certrelay-hook
 
 test: test-deps lint test-system test-newest package e2e
 

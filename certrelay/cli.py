@@ -172,24 +172,13 @@ def run(config_dir, rules_path, state_dir, quiet, verbose, dry_run, empty_queue_
 @click.option("--rules-only", is_flag=True, help="Check only the rules file (for ExecStartPre= and ExecReload=).")
 def check(config_dir, rules_path, state_dir, rules_only):
     """Validate the rules file and the setup; exit 0 if usable, 2 if not."""
-    from certrelay import hook as hook_module, spool as spool_module
+    from certrelay import spool as spool_module
 
     rules = load_rules(rules_path, config_dir)
     if rules_only:
         logger.info("%s: ok, %d rule(s)", rules_path, len(rules.rules))
         return
-    problems = []
-    hook = hook_module.installed_path(config_dir)
-    if not os.path.isdir(config_dir):
-        problems.append(f"{config_dir}: no such directory; pass certbot's config dir with --config-dir")
-    elif (hook_status := hook_module.status(config_dir)) == hook_module.MISSING:
-        problems.append(
-            f"{hook}: the deploy hook is not installed; install it: certrelay install-hook --config-dir {config_dir}"
-        )
-    elif hook_status == hook_module.OUTDATED:
-        logger.warning("%s: outdated (not the hook shipped with this certrelay): run certrelay install-hook", hook)
-    else:
-        logger.info("%s: current", hook)
+    problems = hook_problems(config_dir)
     spool = spool_module.Spool(config_dir)
     if not os.path.isdir(spool.queue):
         logger.info("%s does not exist yet: the hook creates it at the first renewal", spool.queue)
@@ -209,6 +198,28 @@ def check(config_dir, rules_path, state_dir, rules_only):
         logger.error("%d problem(s) found", len(problems))
         sys.exit(EXIT_CONFIG)
     logger.info("%s: ok", rules_path)
+
+
+def hook_problems(config_dir):
+    """Return what is wrong with the deploy hook in `config_dir` (missing, or it cannot
+    be compared with the hook shipped with certrelay); log whether it is current."""
+    from certrelay import hook as hook_module
+
+    if not os.path.isdir(config_dir):
+        return [f"{config_dir}: no such directory; pass certbot's config dir with --config-dir"]
+    hook = hook_module.installed_path(config_dir)
+    try:
+        hook_status = hook_module.status(config_dir)
+    except hook_module.HookError as error:
+        return [f"the deploy hook cannot be checked: {error}"]
+    if hook_status == hook_module.MISSING:
+        return [f"{hook}: the deploy hook is not installed; install it:"
+                f" certrelay install-hook --config-dir {config_dir}"]
+    if hook_status == hook_module.OUTDATED:
+        logger.warning("%s: outdated (not the hook shipped with this certrelay): run certrelay install-hook", hook)
+    else:
+        logger.info("%s: current", hook)
+    return []
 
 
 def install_problems(rules, config_dir):

@@ -1,12 +1,14 @@
 """The deploy hook: where this installation keeps it, and putting it where certbot runs it.
 
 certbot runs every executable in CONFIG_DIR/renewal-hooks/deploy/ after a renewal. The
-hook is shipped with certrelay (the Debian package: /usr/share/certrelay/certrelay-hook;
-`make install`: PREFIX/share/certrelay/certrelay-hook; the source tree:
-hooks/certrelay-hook) and copied into the certbot config dir by `certrelay install-hook`,
-never by the package itself: /etc/letsencrypt belongs to the admin and to certbot.
+hook ships inside the Python package, certrelay/certrelay-hook, in every installation
+(the source tree, a wheel, `make install`, the Debian package, whose
+/usr/share/certrelay/certrelay-hook links to it), and is copied into the certbot config
+dir by `certrelay install-hook`, never by the package itself: /etc/letsencrypt belongs to
+the admin and to certbot.
 """
 
+import importlib.resources
 import os
 import stat
 from pathlib import Path
@@ -24,31 +26,19 @@ class HookError(Exception):
     """The hook cannot be installed; the message says why and what to do."""
 
 
-def candidates():
-    """Return where an installation may keep the hook, the most specific first."""
-    package = Path(__file__).resolve().parent
-    return [
-        package.parent / "hooks" / HOOK_NAME,  # the source tree: certrelay/ beside hooks/
-        # `make install`: PKGLIBDIR/certrelay/, PKGLIBDIR = PREFIX/lib/certrelay
-        package.parents[2] / "share" / "certrelay" / HOOK_NAME,
-        Path("/usr/share/certrelay") / HOOK_NAME,  # the Debian package
-        Path("/usr/local/share/certrelay") / HOOK_NAME,  # `make install`, default PREFIX
-    ]
-
-
 def packaged_hook():
-    """Return the path of the hook shipped with this installation.
+    """Return the bytes of the hook shipped with this installation (package data).
 
-    Raises HookError when no candidate exists (an installation without its hook).
+    Raise HookError if it cannot be read (an installation without its hook).
     """
-    for path in candidates():
-        if path.is_file():
-            return path
-    raise HookError(
-        f"the {HOOK_NAME} shipped with certrelay was not found (looked in "
-        + ", ".join(str(path.parent) for path in candidates())
-        + "): reinstall certrelay"
-    )
+    shipped = importlib.resources.files("certrelay").joinpath(HOOK_NAME)
+    try:
+        return shipped.read_bytes()
+    except OSError as error:
+        raise HookError(
+            f"the {HOOK_NAME} shipped with certrelay cannot be read ({shipped}: {error.strerror or error}):"
+            " reinstall certrelay"
+        ) from None
 
 
 def installed_path(config_dir):
@@ -61,22 +51,29 @@ def status(config_dir):
 
     current: a regular executable file with the packaged hook's bytes. outdated: there,
     but different or not executable (certbot skips it). missing: nothing there, or not
-    a regular file.
+    a regular file. Raise HookError, saying what to do, if the two cannot be compared:
+    the packaged hook or the installed one cannot be read.
     """
     path = installed_path(config_dir)
     try:
         info = os.stat(path, follow_symlinks=False)
     except FileNotFoundError:
         return MISSING
+    except OSError as error:
+        raise HookError(f"{path}: cannot look at it ({error.strerror}): renewal-hooks/deploy/ must be a"
+                        " directory certrelay can read") from None
     if not stat.S_ISREG(info.st_mode):
         return MISSING
     if not info.st_mode & stat.S_IXUSR:
         return OUTDATED
     try:
-        same = path.read_bytes() == packaged_hook().read_bytes()
-    except OSError:
-        return OUTDATED
-    return CURRENT if same else OUTDATED
+        installed = path.read_bytes()
+    except OSError as error:
+        raise HookError(
+            f"{path}: cannot read it ({error.strerror}) to compare it with the hook shipped with certrelay:"
+            " fix its permissions, or replace it: certrelay install-hook --force"
+        ) from None
+    return CURRENT if installed == packaged_hook() else OUTDATED
 
 
 def install(config_dir, force=False):
@@ -98,7 +95,10 @@ def install(config_dir, force=False):
             f"{config_dir}: no such directory; pass certbot's config dir with --config-dir,"
             " or --force to create it"
         )
-    previous = status(config_dir)
+    try:
+        previous = status(config_dir)
+    except HookError:  # unreadable there: replaced below if a certrelay hook, or with `force`
+        previous = OUTDATED
     if previous == CURRENT:
         return dest, CURRENT
     if os.path.lexists(dest):
@@ -110,7 +110,7 @@ def install(config_dir, force=False):
                 " or replace it with --force"
             )
     dest.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    files.write_atomically(str(dest), source.read_bytes(), 0o755)
+    files.write_atomically(str(dest), source, 0o755)
     return dest, "installed" if previous == MISSING else "updated"
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 DEMO = Path(__file__).resolve().parent
 REPO = DEMO.parent
-HOOK = REPO / "hooks" / "certrelay-hook"
+HOOK = REPO / "certrelay" / "certrelay-hook"
 
 RULES = """\
 # Demo rules: which units to act on when a certificate was renewed.

@@ -11,7 +11,7 @@ Usage:
     from tests import acme          # or load this file by path
     with acme.acme_server(base_dir) as server:       # base_dir: an existing directory
         server.certonly(config_dir, ["example.test", "*.example.test"])
-        acme.install_deploy_hook(config_dir, "hooks/certrelay-hook")
+        acme.install_deploy_hook(config_dir, "certrelay/certrelay-hook")
         result = server.renew(config_dir, fail_domains=["mail.example.test"])
         assert result.returncode == 1          # that lineage failed, the others renewed
 

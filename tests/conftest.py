@@ -15,7 +15,7 @@ from certrelay import install
 from tests.writeup import WRITE_UP_RULES
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOOK = os.path.join(REPOSITORY, "hooks", "certrelay-hook")
+HOOK = os.path.join(REPOSITORY, "certrelay", "certrelay-hook")
 FAKE_SYSTEMCTL = os.path.join(REPOSITORY, "tests", "fake_systemctl")
 
 class Relay:

@@ -1,4 +1,4 @@
-"""certbot (as in its container) -> hooks/certrelay-hook -> a queue file, against Pebble.
+"""certbot (as in its container) -> certrelay/certrelay-hook -> a queue file, against Pebble.
 
 Real certbot from PyPI gets real certificates from Debian's Pebble by DNS-01; certbot
 runs in a mount namespace with BusyBox as /bin/sh and no bash (see tests/acme.py), so
@@ -13,7 +13,7 @@ import pytest
 from tests import acme
 
 REPO = Path(__file__).resolve().parents[2]
-HOOK = REPO / "hooks" / "certrelay-hook"
+HOOK = REPO / "certrelay" / "certrelay-hook"
 
 
 REASON = acme.skip_reason() or (None if HOOK.exists() else f"{HOOK} does not exist yet")

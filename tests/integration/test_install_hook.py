@@ -27,8 +27,9 @@ def config_dir(tmp_path):
     return path
 
 
-def test_packaged_hook_in_the_source_tree_is_hooks_certrelay_hook():
-    assert hook.packaged_hook() == Path(HOOK)
+def test_packaged_hook_is_the_package_data_certrelay_hook():
+    assert hook.packaged_hook() == Path(HOOK).read_bytes()
+    assert Path(HOOK).parent == Path(hook.__file__).parent
 
 
 def test_install_copies_the_hook_executable_and_status_is_current(config_dir):
@@ -147,9 +148,69 @@ def test_check_reports_missing_outdated_and_current(relay):
     assert "run certrelay install-hook" in outdated.stderr
 
 
+def test_check_without_a_packaged_hook_says_so_and_how_to_fix_it(relay, tmp_path):
+    """A certrelay installed without its hook: a problem in words, not a traceback."""
+    package = tmp_path / "incomplete" / "certrelay"
+    shutil.copytree(Path(REPOSITORY) / "certrelay", package, ignore=shutil.ignore_patterns(hook.HOOK_NAME))
+    hook.install(relay.config_dir)
+
+    def certrelay(*arguments):  # from the incomplete copy: neither the work tree nor PYTHONPATH
+        return subprocess.run([sys.executable, "-m", "certrelay", *arguments], cwd=package.parent,
+                              env=relay.environment(PYTHONPATH=str(package.parent)),
+                              capture_output=True, text=True, timeout=60)
+
+    checked = certrelay(*relay.command("check")[3:])
+    installed = certrelay("install-hook", "--config-dir", relay.config_dir)
+
+    assert checked.returncode == 2
+    assert "Traceback" not in checked.stderr
+    assert (f"error: the deploy hook cannot be checked: the certrelay-hook shipped with certrelay cannot be read"
+            f" ({package / hook.HOOK_NAME}: No such file or directory): reinstall certrelay") in checked.stderr
+    assert installed.returncode == 2 and "Traceback" not in installed.stderr
+    assert "shipped with certrelay cannot be read" in installed.stderr
+
+
+def test_check_with_an_unreadable_installed_hook_says_so_and_how_to_fix_it(config_dir, monkeypatch):
+    """Root reads any file, so the read fails by substitution; in-process, through click."""
+    from click.testing import CliRunner
+
+    from certrelay import cli
+
+    path, _ = hook.install(config_dir)
+    rules = config_dir.parent / "rules.toml"
+    rules.write_text('[[rule]]\nmatch = ["*"]\nrestart = ["a.service"]\n')
+    read_bytes = Path.read_bytes
+
+    def refuse(self):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+
+    result = CliRunner().invoke(cli.main, ["check", "--config-dir", str(config_dir), "--rules", str(rules),
+                                           "--state-dir", str(config_dir.parent / "state")])
+
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert (f"the deploy hook cannot be checked: {path}: cannot read it (Permission denied) to compare it with the"
+            " hook shipped with certrelay: fix its permissions, or replace it: certrelay install-hook --force"
+            in result.output)
+
+
+def test_check_with_renewal_hooks_not_a_directory_says_so(relay):
+    Path(relay.config_dir, "renewal-hooks").write_text("not a directory\n")
+
+    checked = relay.run(command="check")
+
+    assert checked.returncode == 2 and "Traceback" not in checked.stderr
+    assert "cannot look at it (Not a directory): renewal-hooks/deploy/ must be a directory" in checked.stderr
+
+
 @pytest.mark.skipif(not shutil.which("make"), reason="make is not installed")
 def test_make_install_layout_finds_its_own_hook(tmp_path):
-    """After `make install PREFIX=DIR`, DIR/bin/certrelay installs DIR/share/certrelay/certrelay-hook."""
+    """After `make install PREFIX=DIR`, DIR/bin/certrelay installs the hook in its package
+    (DIR/lib/certrelay/certrelay/certrelay-hook), which DIR/share/certrelay/ links to."""
     # A copy of the tree: `make` writes build/, which others may be using.
     source, prefix = tmp_path / "source", tmp_path / "prefix"
     skip = {".git", ".cache", ".pybuild", "build", "dist", "debian", "tests", "benchmarks", "demo"}
@@ -161,8 +222,9 @@ def test_make_install_layout_finds_its_own_hook(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert made.returncode == 0, made.stdout + made.stderr
-    shipped = prefix / "share" / "certrelay" / "certrelay-hook"
+    shipped = prefix / "lib" / "certrelay" / "certrelay" / "certrelay-hook"
     shipped.write_bytes(shipped.read_bytes() + b"# as installed\n")  # tell it from the source tree's
+    assert (prefix / "share" / "certrelay" / "certrelay-hook").resolve() == shipped
     config = tmp_path / "letsencrypt"
     config.mkdir()
 
