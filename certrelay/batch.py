@@ -15,7 +15,7 @@ import functools
 import logging
 import time
 
-from certrelay import certificate, idle, lineages, reconcile, rules as rules_module
+from certrelay import alarms, certificate, idle, lineages, reconcile, rules as rules_module
 from certrelay import spool as spool_module, state, status
 
 logger = logging.getLogger(__name__)
@@ -42,25 +42,26 @@ class Outcome:
     failed: int = 0
     verified: int = 0
     unverified: int = 0
-    expiring: int = 0  # certificates below expiry-warning alarmed now (once a day each)
+    alarmed: int = 0  # alarms raised now (alarms.py: once a day each)
     below_warning: int = 0  # all certificates below expiry-warning
+    undated: int = 0  # certificates whose dates cannot be read
     dry_run: bool = False
     deferred_until: float = None
 
     @property
     def ok(self):
         return not (self.kept or self.quarantined or self.failed or self.unreadable or self.unverified
-                    or self.expiring)
+                    or self.alarmed)
 
     @property
     def settled(self):
         """True if the batch left nothing to do: every notification done or dropped,
         nothing kept, deferred or close to expiry."""
-        return self.ok and not (self.deferred or self.deferred_until or self.below_warning)
+        return self.ok and not (self.deferred or self.deferred_until or self.below_warning or self.undated)
 
     def summary(self):
         """Return one line a person can read, e.g. for the daemon's STATUS=."""
-        if not (self.notifications or self.unannounced or self.quarantined or self.below_warning):
+        if not (self.notifications or self.unannounced or self.quarantined or self.below_warning or self.undated):
             return "nothing pending"
         parts = [f"{self.notifications} notification(s)"]
         if self.unannounced:
@@ -75,6 +76,7 @@ class Outcome:
             (self.unchanged, "unchanged"), (self.unmatched, "matched no rule"),
             (self.unreadable, "without a readable certificate"), (self.quarantined, "quarantined"),
             (self.below_warning, "certificate(s) close to expiry"),
+            (self.undated, "certificate(s) whose dates cannot be read"),
         ):
             if count:
                 parts.append(f"{count} {words}")
@@ -175,11 +177,12 @@ class Batch:
         return self.finish(outcome, now)
 
     def finish(self, outcome, now):
-        """Raise the expiry alarms, save the state, write the metrics; return `outcome`."""
+        """Raise the alarms, save the state, write the metrics; return `outcome`."""
         if self.dry_run:
             return outcome
-        alarmed, below = status.expiry_alarms(self.scanned, self.rules, self.recorder)
-        outcome.expiring, outcome.below_warning = len(alarmed), len(below)
+        expiring, below = alarms.expiry_alarms(self.scanned, self.rules, self.recorder)
+        undated_now, undated = alarms.undated_alarms(self.scanned, self.rules, self.recorder)
+        outcome.alarmed, outcome.below_warning, outcome.undated = len(expiring + undated_now), len(below), undated
         self.stores.save()
         self.scanner.save()
         self.recorder.finished(now, self.progress.data)
@@ -199,7 +202,7 @@ class Batch:
             if (outcome.settled and not self.progress.data and not rules.settings["metrics"]
                     and not any(rule.install for rule in rules.rules)):
                 # At least one full batch a day, which also checks the rules' surroundings again.
-                until = status.warning_due(self.scanned, rules, now + idle.AT_LEAST_DAILY)
+                until = alarms.warning_due(self.scanned, rules, now + idle.AT_LEAST_DAILY)
                 idle.remember(self.state_dir, self.config_dir, rules, self.scanner.live, until)
             else:
                 idle.forget(self.state_dir)

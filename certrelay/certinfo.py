@@ -24,8 +24,20 @@ NAIVE_EPOCH = datetime.datetime(1970, 1, 1)
 _x509 = None  # cryptography.x509 once `from_der` imported it
 
 
+#: What is wrong when cryptography cannot be imported, and the fix.
+NO_CRYPTOGRAPHY = (
+    "python3-cryptography (the cryptography package) is not installed, so certificate dates and domains"
+    " cannot be read (no expiry alarms; rules select lineages by name only): apt-get install"
+    " python3-cryptography, or in a venv: pip install cryptography"
+)
+
+
 class CertificateParseError(ValueError):
     """The bytes are not a certificate that can be read; the message says why."""
+
+
+class CryptographyMissing(CertificateParseError):
+    """No certificate can be read: cryptography cannot be imported (NO_CRYPTOGRAPHY)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,18 +143,24 @@ def from_pem(data):
 
 def cryptography_x509():
     """Return the module cryptography.x509, imported on first use (see the module
-    docstring); raise CertificateParseError if python3-cryptography is missing."""
+    docstring); raise CryptographyMissing if python3-cryptography is missing."""
     global _x509
     if _x509 is None:
         try:
             from cryptography import x509
         except ImportError:
-            raise CertificateParseError(
-                "python3-cryptography is not installed, so certificate dates cannot be read:"
-                " apt-get install python3-cryptography"
-            ) from None
+            raise CryptographyMissing(NO_CRYPTOGRAPHY) from None
         _x509 = x509
     return _x509
+
+
+def cryptography_missing():
+    """Return NO_CRYPTOGRAPHY if cryptography cannot be imported, else None."""
+    try:
+        cryptography_x509()
+    except CryptographyMissing as error:
+        return str(error)
+    return None
 
 
 def from_der(der):

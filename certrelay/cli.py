@@ -172,7 +172,7 @@ def run(config_dir, rules_path, state_dir, quiet, verbose, dry_run, empty_queue_
 @click.option("--rules-only", is_flag=True, help="Check only the rules file (for ExecStartPre= and ExecReload=).")
 def check(config_dir, rules_path, state_dir, rules_only):
     """Validate the rules file and the setup; exit 0 if usable, 2 if not."""
-    from certrelay import spool as spool_module
+    from certrelay import alarms, lineages, spool as spool_module
 
     rules = load_rules(rules_path, config_dir)
     if rules_only:
@@ -185,6 +185,7 @@ def check(config_dir, rules_path, state_dir, rules_only):
     if os.path.isdir("/run/systemd/system"):
         problems += unit_problems(rules)
     problems += install_problems(rules, config_dir)
+    problems += [message for _, _, message in alarms.undated(lineages.Scanner(config_dir, None).scan(), rules)]
     try:
         logger.info(
             "%d rule(s); %d pending, %d kept for retry; quarantine: %s",
@@ -299,8 +300,12 @@ def explain(config_dir, rules_path, state_dir, name, domains):
               help="Also rescan the queue every SECONDS (for NFS, where inotify sees no writes).")
 def watch(config_dir, rules_path, state_dir, poll):
     """Watch the queue and process notifications as they land (systemd Type=notify)."""
-    from certrelay import watch as watch_module  # pyinotify: only this command pays for it
-
+    try:
+        from certrelay import watch as watch_module  # pyinotify: only this command pays for it
+    except ImportError as error:
+        logger.error("certrelay watch needs %s, which cannot be imported (%s): apt-get install python3-pyinotify"
+                     " python3-sdnotify, or in a venv: pip install pyinotify sdnotify", error.name, error)
+        sys.exit(EXIT_CONFIG)
     rules = load_rules(rules_path, config_dir)
     sys.exit(watch_module.Watcher(config_dir, rules_path, state_dir, rules, poll).run())
 

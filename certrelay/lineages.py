@@ -23,13 +23,16 @@ class Lineage:
     """One live/NAME: `fingerprint` (SHA-256 of cert.pem's bytes, as the ledger keeps
     it) and `facts` (certinfo.CertInfo.to_json() of its certificate), or `error`
     saying why they are unknown (the fingerprint is known if only the parse
-    failed). `info` makes the CertInfo only when asked: at ten thousand lineages,
-    most runs need only the dates and the fingerprint."""
+    failed). `no_cryptography`: the parse failed only because python3-cryptography
+    is missing (the file may well be a good certificate). `info` makes the CertInfo
+    only when asked: at ten thousand lineages, most runs need only the dates and the
+    fingerprint."""
 
     name: str
     fingerprint: str = None
     facts: dict = None
     error: str = None
+    no_cryptography: bool = False
 
     @functools.cached_property
     def info(self):
@@ -104,7 +107,8 @@ class Scanner:
         try:
             info = certinfo.from_pem(data)
         except certinfo.CertificateParseError as error:  # still a file with a fingerprint
-            return Lineage(name, certificate.sha256(data), error=str(error))
+            return Lineage(name, certificate.sha256(data), error=str(error),
+                           no_cryptography=isinstance(error, certinfo.CryptographyMissing))
         found = Lineage(name, certificate.sha256(data), info.to_json())
         self.entries[name] = {"key": key, "fingerprint": found.fingerprint, "info": found.facts}
         self.changed()

@@ -5,7 +5,9 @@ container volume, a power cut, `certbot renew` run by hand on the host). So ever
 batch compares each lineage under live/ that some rule selects with the ledger (the
 certificate certrelay last acted on). One that changed is acted on as if notified.
 One seen for the first time is recorded, not acted on: installing certrelay restarts
-nothing, unless a `verify` endpoint of its rules shows it is not current.
+nothing, unless a `verify` endpoint of its rules shows it is not current. Fingerprints
+need no python3-cryptography: without it, reconcile still acts on a changed certificate
+(of a lineage that a rule selects by name: its domains are unknown).
 """
 
 import logging
@@ -28,7 +30,7 @@ def find(scanned, config_dir, rules, ledger, announced, progress, dry_run):
     found, first_seen = [], []
     for lineage in scanned:
         name = lineage.name
-        if name in announced or lineage.error:
+        if name in announced or lineage.error and not lineage.no_cryptography:
             continue
         entry = name + ENTRY_SUFFIX
         recorded = ledger.data.get(name)

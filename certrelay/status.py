@@ -3,7 +3,7 @@
 `Recorder` keeps STATE_DIR/status.json: the last run, each unit's last action and
 its outcome, action counters (for metrics), each endpoint's last verification, the
 failures of kept notifications, when each lineage was last acted on, and when each
-expiry alarm was last raised. `snapshot()` joins it with the live certificates, the
+alarm was last raised (alarms.py). `snapshot()` joins it with the live certificates, the
 spool and the rules into the dict that report.py renders and metrics.py exports.
 """
 
@@ -14,9 +14,6 @@ import time
 from certrelay import durations, idle, lineages, spool as spool_module, state
 
 logger = logging.getLogger(__name__)
-
-ALARM_EVERY = 86400  # seconds: an expiry alarm is raised at most once a day per lineage
-
 
 class Recorder:
     """Records a batch's events into STATE_DIR/status.json; `finished` saves it."""
@@ -102,55 +99,6 @@ class Recorder:
         self.store.changed = True
         self.data["kept"] = {entry: value for entry, value in self.data["kept"].items() if entry in progress}
         self.store.save()
-
-
-def expiry_alarms(scanned, rules, recorder):
-    """Log an error for every live certificate of `scanned` (lineages.Lineage)
-    selected by `rules` that is below the expiry warning, at most once a day per
-    lineage.
-
-    Return (the names alarmed now, the names below the warning): `run` exits 1 for the
-    first, so that cron mails once a day; the daemon's STATUS counts the second.
-    """
-    now, alarmed, below = time.time(), [], []
-    settings = rules.settings
-    for lineage in scanned:
-        if lineage.facts is None:
-            continue
-        level = durations.level(lineage, now, settings["expiry-warning"], settings["expiry-critical"])
-        if level == "ok" or not rules.matching(lineage.name, lineage.domains):
-            continue
-        below.append(lineage.name)
-        if now - recorder.data["alarms"].get(lineage.name, 0) < ALARM_EVERY:
-            continue
-        recorder.data["alarms"][lineage.name] = now
-        alarmed.append(lineage.name)
-        days = lineage.info.days_left(now)
-        state_words = "has EXPIRED" if days < 0 else f"expires in {days:.1f} days"
-        logger.error(
-            "%s: the live certificate %s (%s, not after %s): renewal is probably failing where certbot runs;"
-            " look at its log (e.g. docker logs, /var/log/letsencrypt/letsencrypt.log) for the DNS or account"
-            " error, then run certbot renew", lineage.name, state_words, level,
-            time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(lineage.info.not_after)),
-        )
-    return alarmed, below
-
-
-def warning_due(scanned, rules, before):
-    """Return when the first certificate of `scanned` (lineages.Lineage) selected by
-    `rules` stops being "ok" (durations.ok_until), if before `before` (epoch seconds),
-    else `before`. Rules are matched only for the few lineages that come close."""
-    warning, critical = rules.settings["expiry-warning"], rules.settings["expiry-critical"]
-    crossings = []
-    for lineage in scanned:
-        if lineage.facts is not None:
-            crossing = durations.ok_until(lineage, warning, critical)
-            if crossing < before:
-                crossings.append((crossing, lineage.name, lineage.domains))
-    for crossing, name, domains in sorted(crossings):
-        if rules.matching(name, domains):
-            return crossing
-    return before
 
 
 def snapshot(config_dir, rules, state_dir, error=None, scanned=None):

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from certrelay import install
+from tests import certs
 from tests.writeup import WRITE_UP_RULES
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,19 +55,9 @@ class Relay:
         return environment
 
     def renew(self, name):
-        """Do what certbot's renewal does to the files: a new archive/NAME/certN.pem
-        with new content, and live/NAME/cert.pem a relative link to it."""
-        archive = os.path.join(self.config_dir, "archive", name)
-        live = os.path.join(self.config_dir, "live", name)
-        os.makedirs(archive, exist_ok=True)
-        os.makedirs(live, exist_ok=True)
-        version = len(os.listdir(archive)) + 1
-        with open(os.path.join(archive, f"cert{version}.pem"), "w", encoding="ascii") as file:
-            file.write(f"-----BEGIN CERTIFICATE-----\n{name} {version} {time.time_ns()}\n-----END CERTIFICATE-----\n")
-        link = os.path.join(live, "cert.pem")
-        if os.path.lexists(link):
-            os.unlink(link)
-        os.symlink(f"../../archive/{name}/cert{version}.pem", link)
+        """Do what certbot's renewal does to the files (tests.certs.renew: a new,
+        real certificate for NAME and *.NAME)."""
+        certs.renew(self.config_dir, name)
 
     def publish(self, name, domains=None, renew=True):
         """Renew lineage `name` (unless not `renew`), then run the real deploy hook as

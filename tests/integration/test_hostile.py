@@ -397,7 +397,8 @@ def test_run_treats_entries_planted_in_quarantine_as_inert(relay, tmp_path):
 
     assert result.returncode == 0, result.stderr
     assert sorted(relay.calls()) == WRITE_UP_ACTIONS
-    assert sorted(ledger(relay)) == ["herzbube.ch"]
+    # moser-naef.ch is seen for the first time: recorded, not acted on (the calls above)
+    assert sorted(ledger(relay)) == ["herzbube.ch", "moser-naef.ch"]
     assert snapshot(quarantine) == before
     assert not (tmp_path / "cwd" / MARKER).exists()
 

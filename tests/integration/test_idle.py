@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from certrelay import batch, idle, lineages, rules as rules_module, status
+from certrelay import alarms, batch, idle, lineages, rules as rules_module
 from tests import certs
 from tests.writeup import WRITE_UP_CERTIFICATES
 
@@ -248,8 +248,8 @@ def test_warning_due_is_the_first_crossing_of_a_selected_lineage():
     scanned = [lineage("b", 30 * day), lineage("a2", 50 * day), lineage("a1", 40 * day),
                lineages.Lineage("a0", error="unreadable")]
 
-    assert status.warning_due(scanned, rules, 1000 * day) == 20 * day
-    assert status.warning_due(scanned, rules, 15 * day) == 15 * day
+    assert alarms.warning_due(scanned, rules, 1000 * day) == 20 * day
+    assert alarms.warning_due(scanned, rules, 15 * day) == 15 * day
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="installs are checked as root only")

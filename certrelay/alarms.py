@@ -1,0 +1,111 @@
+"""Alarms: what a person must hear of although no notification asked, once a day each.
+
+expiry    a live certificate a rule selects is below `expiry-warning`: renewal is
+          probably failing where certbot runs.
+undated   the dates of a live certificate a rule selects cannot be read (it is
+          unreadable or unparsable), so no expiry alarm can fire for it.
+library   python3-cryptography is missing: no certificate's dates can be read.
+
+Each is logged as an error at most once a day (the time it was last raised is kept in
+STATE_DIR/status.json, "alarms"), so that `run` exits 1 and cron mails once a day.
+"""
+
+import logging
+import time
+
+from certrelay import durations
+
+logger = logging.getLogger(__name__)
+
+ALARM_EVERY = 86400  # seconds: an alarm is raised at most once a day
+LIBRARY = "*cryptography"  # the "alarms" key of the library alarm: no lineage name has a "*"
+
+
+def due(recorder, key, now):
+    """Return True, and note `now` in `recorder` (status.Recorder), if the alarm `key`
+    was not raised in the last ALARM_EVERY seconds."""
+    if now - recorder.data["alarms"].get(key, 0) < ALARM_EVERY:
+        return False
+    recorder.data["alarms"][key] = now
+    return True
+
+
+def expiry_alarms(scanned, rules, recorder):
+    """Log an error for every live certificate of `scanned` (lineages.Lineage)
+    selected by `rules` that is below the expiry warning, at most once a day per
+    lineage.
+
+    Return (the names alarmed now, the names below the warning): `run` exits 1 for the
+    first, so that cron mails once a day; the daemon's STATUS counts the second.
+    """
+    now, alarmed, below = time.time(), [], []
+    settings = rules.settings
+    for lineage in scanned:
+        if lineage.facts is None:
+            continue
+        level = durations.level(lineage, now, settings["expiry-warning"], settings["expiry-critical"])
+        if level == "ok" or not rules.matching(lineage.name, lineage.domains):
+            continue
+        below.append(lineage.name)
+        if not due(recorder, lineage.name, now):
+            continue
+        alarmed.append(lineage.name)
+        days = lineage.info.days_left(now)
+        state_words = "has EXPIRED" if days < 0 else f"expires in {days:.1f} days"
+        logger.error(
+            "%s: the live certificate %s (%s, not after %s): renewal is probably failing where certbot runs;"
+            " look at its log (e.g. docker logs, /var/log/letsencrypt/letsencrypt.log) for the DNS or account"
+            " error, then run certbot renew", lineage.name, state_words, level,
+            time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(lineage.info.not_after)),
+        )
+    return alarmed, below
+
+
+def undated(scanned, rules):
+    """Return [(alarm key, certificates, message)] for the lineages of `scanned` whose dates cannot
+    be read: one for all when python3-cryptography is missing (their domains are
+    unknown too, so every lineage counts), and one for each other that a rule selects
+    by name."""
+    from certrelay import certinfo
+
+    missing = [lineage.name for lineage in scanned if lineage.no_cryptography]
+    found = []
+    if missing:
+        names = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        found.append((LIBRARY, len(missing), f"{len(missing)} certificate(s) ({names}) without dates: {certinfo.NO_CRYPTOGRAPHY}"))
+    for lineage in scanned:
+        if lineage.facts is None and not lineage.no_cryptography and rules.matching(lineage.name, ()):
+            found.append((lineage.name, 1, f"{lineage.name}: the dates of the live certificate cannot be read, so no"
+                                        f" expiry alarm can fire for it: {lineage.error}"))
+    return found
+
+
+def undated_alarms(scanned, rules, recorder):
+    """Log each of `undated(scanned, rules)` as an error, at most once a day each.
+
+    Return (the keys alarmed now, the number of certificates without dates).
+    """
+    now, alarmed, count = time.time(), [], 0
+    for key, certificates, message in undated(scanned, rules):
+        count += certificates
+        if due(recorder, key, now):
+            alarmed.append(key)
+            logger.error("%s", message)
+    return alarmed, count
+
+
+def warning_due(scanned, rules, before):
+    """Return when the first certificate of `scanned` (lineages.Lineage) selected by
+    `rules` stops being "ok" (durations.ok_until), if before `before` (epoch seconds),
+    else `before`. Rules are matched only for the few lineages that come close."""
+    warning, critical = rules.settings["expiry-warning"], rules.settings["expiry-critical"]
+    crossings = []
+    for lineage in scanned:
+        if lineage.facts is not None:
+            crossing = durations.ok_until(lineage, warning, critical)
+            if crossing < before:
+                crossings.append((crossing, lineage.name, lineage.domains))
+    for crossing, name, domains in sorted(crossings):
+        if rules.matching(name, domains):
+            return crossing
+    return before
