@@ -46,7 +46,7 @@ SUBSTITUTE = sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@PKGLIBDIR@|$(PKGLIBDIR)|g' \
 	-e 's|@DOCKER@|$(DOCKER)|g'
 SHELL_SCRIPTS = certrelay/certrelay-hook tests/fake_systemctl tests/acme_hooks/auth-hook \
 	tests/acme_hooks/cleanup-hook demo/demo.sh demo/systemctl demo/shell-probe-hook \
-	debian/certrelay.postinst debian/certrelay.postrm debian/tests/smoke tools/need
+	debian/certrelay.postinst debian/certrelay.postrm debian/tests/smoke tools/need tools/fresh-check
 
 .PHONY: all install uninstall install-hook test test-deps lint test-system test-newest e2e demo bench clean \
 	deb lintian package fresh-check mutants
