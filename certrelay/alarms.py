@@ -72,7 +72,8 @@ def undated(scanned, rules):
     found = []
     if missing:
         names = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
-        found.append((LIBRARY, len(missing), f"{len(missing)} certificate(s) ({names}) without dates: {certinfo.NO_CRYPTOGRAPHY}"))
+        found.append((LIBRARY, len(missing),
+                      f"{len(missing)} certificate(s) ({names}) without dates: {certinfo.NO_CRYPTOGRAPHY}"))
     for lineage in scanned:
         if lineage.facts is None and not lineage.no_cryptography and rules.matching(lineage.name, ()):
             found.append((lineage.name, 1, f"{lineage.name}: the dates of the live certificate cannot be read, so no"

@@ -225,7 +225,10 @@ class Batch:
                 self.drop(notification)
                 continue
             kept_before = notification.entry in self.progress.data
-            if not self.force and not kept_before and self.ledger.data.get(name) == self.fingerprints[notification.entry]:
+            fingerprint = self.fingerprints[notification.entry]
+            recorded = self.ledger.data.get(name)
+            if not self.force and not kept_before and (recorded == fingerprint or reconcile.recorded_before_der(
+                    self.ledger, name, fingerprint, self.config_dir, self.dry_run)):
                 logger.info("%s %s: its certificate did not change since the last action (--force acts anyway)",
                             self.said["skip"], name)
                 outcome.unchanged += 1

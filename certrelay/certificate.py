@@ -21,7 +21,8 @@ MAX_LINKS = 16
 DIRECTORY = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 ARCHIVE_LIMIT = 20  # older certificates a lineage had, for telling "old" from "other"
 ARCHIVE_CERTIFICATE = re.compile(r"cert([0-9]{1,9})\.pem")
-PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----")
+PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
+PEM_END = b"-----END CERTIFICATE-----"
 
 
 class CertificateError(Exception):
@@ -29,12 +30,13 @@ class CertificateError(Exception):
 
 
 def fingerprint(config_dir, name):
-    """Return the SHA-256 hex digest of live/NAME/cert.pem under `config_dir`.
+    """Return the SHA-256 hex digest of the DER of live/NAME/cert.pem under
+    `config_dir` (what `openssl x509 -fingerprint -sha256` prints, without colons).
 
     Raise CertificateError if it is missing, not a regular file, larger than
     MAX_CERTIFICATE, or reached only through a link leading out of `config_dir`.
     """
-    return sha256(live_certificate(config_dir, name))
+    return der_fingerprint(live_certificate(config_dir, name))
 
 
 def read_beneath(root, relative, limit):
@@ -158,18 +160,28 @@ def live_certificate(config_dir, name, tree=None):
     return tree.read(f"live/{name}/cert.pem", MAX_CERTIFICATE)
 
 
-def pem_to_der(pem):
-    """Return the DER of the first certificate in the PEM bytes `pem`, as a TLS client
-    sees it; raise CertificateError if there is none."""
-    import ssl  # only verification needs it
+def pem_to_der(data):
+    """Return the DER bytes of the first certificate in PEM `data` (bytes or str), as
+    a TLS client sees it. Raise CertificateError if there is no PEM certificate block
+    or its base64 is invalid."""
+    import binascii
 
-    match = PEM_BLOCK.search(pem)
-    if match is None:
-        raise CertificateError("no PEM certificate found")
+    if isinstance(data, str):
+        data = data.encode("ascii", "replace")
+    # The first BEGIN with an END after it: if the first BEGIN has none, no later one has.
+    begin = data.find(PEM_BEGIN)
+    end = data.find(PEM_END, begin + len(PEM_BEGIN)) if begin >= 0 else -1
+    if end < 0:
+        raise CertificateError("no PEM certificate (-----BEGIN CERTIFICATE-----) found")
+    # split() drops ASCII whitespace; strict_mode is what b64decode(validate=True) does.
+    body = b"".join(data[begin + len(PEM_BEGIN):end].split())
     try:
-        return ssl.PEM_cert_to_DER_cert(match.group(0).decode("ascii"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise CertificateError(f"not a PEM certificate: {error}") from None
+        der = binascii.a2b_base64(body, strict_mode=True)
+    except binascii.Error as error:
+        raise CertificateError(f"the PEM certificate is not valid base64: {error}") from None
+    if not der:
+        raise CertificateError("the PEM certificate block is empty")
+    return der
 
 
 def der_fingerprint(pem):

@@ -8,14 +8,11 @@ Works with cryptography 38 (Debian 12) and the newest: the `*_utc` date properti
 exist only from 42, and the naive ones warn (DeprecationWarning) from 42 on.
 """
 
-import binascii
 import dataclasses
 import datetime
 import hashlib
 
 DAY = 86400.0
-PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
-PEM_END = b"-----END CERTIFICATE-----"
 #: The start of epoch time, aware and naive: subtracting it is the cheapest exact
 #: datetime.timestamp() (the C code of timestamp() does the same subtraction).
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
@@ -110,27 +107,14 @@ class CertInfo:
 
 
 def der_from_pem(data):
-    """Return the DER bytes of the first certificate in PEM `data` (bytes or str).
+    """Return the DER bytes of the first certificate in PEM `data` (bytes or str):
+    certificate.pem_to_der, raising CertificateParseError."""
+    from certrelay import certificate
 
-    Raise CertificateParseError if there is no PEM certificate block or its base64
-    is invalid.
-    """
-    if isinstance(data, str):
-        data = data.encode("ascii", "replace")
-    # The first BEGIN with an END after it: if the first BEGIN has none, no later one has.
-    begin = data.find(PEM_BEGIN)
-    end = data.find(PEM_END, begin + len(PEM_BEGIN)) if begin >= 0 else -1
-    if end < 0:
-        raise CertificateParseError("no PEM certificate (-----BEGIN CERTIFICATE-----) found")
-    # split() drops ASCII whitespace; strict_mode is what b64decode(validate=True) does.
-    body = b"".join(data[begin + len(PEM_BEGIN):end].split())
     try:
-        der = binascii.a2b_base64(body, strict_mode=True)
-    except binascii.Error as error:
-        raise CertificateParseError(f"the PEM certificate is not valid base64: {error}") from None
-    if not der:
-        raise CertificateParseError("the PEM certificate block is empty")
-    return der
+        return certificate.pem_to_der(data)
+    except certificate.CertificateError as error:
+        raise CertificateParseError(str(error)) from None
 
 
 def from_pem(data):

@@ -20,10 +20,11 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Lineage:
-    """One live/NAME: `fingerprint` (SHA-256 of cert.pem's bytes, as the ledger keeps
-    it) and `facts` (certinfo.CertInfo.to_json() of its certificate), or `error`
-    saying why they are unknown (the fingerprint is known if only the parse
-    failed). `no_cryptography`: the parse failed only because python3-cryptography
+    """One live/NAME: `fingerprint` (SHA-256 of its certificate's DER, as the ledger
+    keeps it and `openssl x509 -fingerprint -sha256` prints it) and `facts`
+    (certinfo.CertInfo.to_json() of its certificate), or `error`
+    saying why they are unknown (the fingerprint is known if only the X.509
+    parse failed). `no_cryptography`: the parse failed only because python3-cryptography
     is missing (the file may well be a good certificate). `info` makes the CertInfo
     only when asked: at ten thousand lineages, most runs need only the dates and the
     fingerprint."""
@@ -85,8 +86,10 @@ class Scanner:
         """Return the cached `Lineage` of live/NAME if its cert.pem still has the stat
         `key` (idle.live_keys), else None."""
         cached = self.entries.get(name)
-        if isinstance(cached, dict) and cached.get("key") == key and valid_facts(cached.get("info")):
-            return Lineage(name, cached["fingerprint"], cached["info"])
+        # "sha256": the DER's; an older certrelay's entry, whose "fingerprint" hashed the file, is read again.
+        if isinstance(cached, dict) and cached.get("key") == key and valid_facts(cached.get("info")) \
+                and isinstance(cached.get("sha256"), str):
+            return Lineage(name, cached["sha256"], cached["info"])
         return None
 
     def read(self, name, tree):
@@ -105,12 +108,16 @@ class Scanner:
         if isinstance(data, certificate.CertificateError):
             return Lineage(name, error=str(data))
         try:
-            info = certinfo.from_pem(data)
-        except certinfo.CertificateParseError as error:  # still a file with a fingerprint
-            return Lineage(name, certificate.sha256(data), error=str(error),
+            der = certificate.pem_to_der(data)
+        except certificate.CertificateError as error:
+            return Lineage(name, error=str(error))
+        try:
+            info = certinfo.from_der(der)
+        except certinfo.CertificateParseError as error:  # still a certificate with a fingerprint
+            return Lineage(name, certificate.sha256(der), error=str(error),
                            no_cryptography=isinstance(error, certinfo.CryptographyMissing))
-        found = Lineage(name, certificate.sha256(data), info.to_json())
-        self.entries[name] = {"key": key, "fingerprint": found.fingerprint, "info": found.facts}
+        found = Lineage(name, info.sha256, info.to_json())
+        self.entries[name] = {"key": key, "sha256": found.fingerprint, "info": found.facts}
         self.changed()
         return found
 

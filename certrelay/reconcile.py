@@ -12,7 +12,7 @@ need no python3-cryptography: without it, reconcile still acts on a changed cert
 
 import logging
 
-from certrelay import spool
+from certrelay import certificate, spool
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ def find(scanned, config_dir, rules, ledger, announced, progress, dry_run):
         # Unchanged first: a dict look-up, where matching the rules is not.
         if recorded == lineage.fingerprint and entry not in progress or not rules.matching(name, lineage.domains):
             continue
+        if entry not in progress and recorded_before_der(ledger, name, lineage.fingerprint, config_dir, dry_run):
+            continue
         if recorded is None and entry not in progress:
             first_seen.append(lineage)
             continue
@@ -56,6 +58,26 @@ def find(scanned, config_dir, rules, ledger, announced, progress, dry_run):
             ledger.data[lineage.name] = lineage.fingerprint
             ledger.changed = True
     return found
+
+
+def recorded_before_der(ledger, name, fingerprint, config_dir, dry_run=False):
+    """Return True if the ledger's entry for `name` is one an older certrelay wrote
+    (the SHA-256 of cert.pem's bytes) for the live certificate, whose DER fingerprint is
+    `fingerprint`: nothing was renewed since. Unless `dry_run`, the entry becomes that
+    DER fingerprint, the one `status`, metrics, logs and openssl show.
+
+    Reads cert.pem only for an entry that differs: once migrated, only after a renewal."""
+    recorded = ledger.data.get(name)
+    if recorded is None or recorded == fingerprint:
+        return False
+    try:
+        same = certificate.sha256(certificate.live_certificate(config_dir, name)) == recorded
+    except certificate.CertificateError:
+        return False
+    if same and not dry_run:
+        ledger.data[name] = fingerprint
+        ledger.changed = True
+    return same
 
 
 def notification(lineage, config_dir):

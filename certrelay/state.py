@@ -4,7 +4,7 @@
   by the kernel when its holder dies, so a killed run never leaves a deadlock.
 - `progress.json`: {claimed entry: [action key]}, the actions of a kept notification
   that already succeeded, so that a retry repeats only what failed.
-- `ledger.json`: {lineage name: fingerprint of the live certificate last acted on},
+- `ledger.json`: {lineage name: SHA-256 of the DER of the live certificate last acted on},
   written only after every action for it succeeded; an unchanged certificate is not
   acted on again.
 - `units.json`: {unit: time of its last action}, for the per-unit minimum interval.

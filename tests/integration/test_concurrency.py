@@ -16,6 +16,8 @@ import subprocess
 import threading
 import time
 
+from certrelay import certificate
+
 DURATION = 6.0  # seconds the publishers and the run loops keep going
 LINEAGES = [f"site{index}.example" for index in range(10)]
 PUBLISHERS = 2
@@ -137,8 +139,9 @@ def test_runs_daemon_and_hook_at_once_lose_nothing_repeat_nothing_and_never_over
         seen[name].add(digest)
     for name in LINEAGES:
         assert last[name] in seen[name], f"the last certificate of {name} was never acted on"
-    with open(os.path.join(relay.state_dir, "ledger.json"), encoding="utf-8") as file:
-        assert json.load(file) == last
+    with open(os.path.join(relay.state_dir, "ledger.json"), encoding="utf-8") as file:  # DER fingerprints
+        assert json.load(file) == {name: certificate.fingerprint(relay.config_dir, name) for name in LINEAGES}
+    assert {name: fingerprint(relay, name) for name in LINEAGES} == last
 
     # Nothing repeated: never more actions than notifications.
     publications = collections.Counter(name for name, _ in published)

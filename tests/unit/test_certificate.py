@@ -1,17 +1,19 @@
 """Reading live/NAME/cert.pem without leaving the config dir."""
 
 import os
+import subprocess
 
 import pytest
 
 from certrelay import certificate
+from tests import certs
 
 
 @pytest.fixture
 def config_dir(tmp_path):
     (tmp_path / "archive" / "x.ch").mkdir(parents=True)
     (tmp_path / "live" / "x.ch").mkdir(parents=True)
-    (tmp_path / "archive" / "x.ch" / "cert1.pem").write_text("one")
+    (tmp_path / "archive" / "x.ch" / "cert1.pem").write_bytes(certs.make_certificate(["x.ch"])[0])
     return tmp_path
 
 
@@ -23,10 +25,22 @@ def test_fingerprint_follows_certbots_relative_link_into_archive(config_dir):
     link(config_dir, "../../archive/x.ch/cert1.pem")
 
     first = certificate.fingerprint(str(config_dir), "x.ch")
-    (config_dir / "archive" / "x.ch" / "cert1.pem").write_text("two")
+    (config_dir / "archive" / "x.ch" / "cert1.pem").write_bytes(certs.make_certificate(["x.ch"])[0])
 
     assert len(first) == 64
     assert certificate.fingerprint(str(config_dir), "x.ch") != first
+
+
+def test_the_fingerprint_is_the_one_openssl_prints(config_dir):
+    """The SHA-256 of the DER, not of the PEM file's bytes: one hash per certificate
+    in the ledger, status, metrics, logs and `openssl x509 -fingerprint -sha256`."""
+    link(config_dir, "../../archive/x.ch/cert1.pem")
+    (config_dir / "archive" / "x.ch" / "cert1.pem").write_bytes(
+        b"text before the block, as some tools write\n" + (config_dir / "archive" / "x.ch" / "cert1.pem").read_bytes())
+    printed = subprocess.run(["openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in",
+                              config_dir / "live" / "x.ch" / "cert.pem"], capture_output=True, text=True, check=True)
+
+    assert certificate.fingerprint(str(config_dir), "x.ch") == printed.stdout.strip().split("=")[1].replace(":", "").lower()
 
 
 def test_fingerprint_follows_a_linked_live_directory_inside_the_config_dir(config_dir):
@@ -96,12 +110,14 @@ def test_a_kept_tree_reads_many_lineages_refuses_the_hostile_ones_and_closes_wha
         os.symlink(target, config_dir / "live" / name / "cert.pem")
     before = open_descriptors()
 
+    pem = (config_dir / "archive" / "x.ch" / "cert1.pem").read_bytes()
+
     with certificate.Tree(str(config_dir)) as tree:
-        assert certificate.live_certificate(str(config_dir), "x.ch", tree) == b"one"
+        assert certificate.live_certificate(str(config_dir), "x.ch", tree) == pem
         for name in targets:
             with pytest.raises(certificate.CertificateError, match="leads out|leading out"):
                 certificate.live_certificate(str(config_dir), name, tree)
-        assert certificate.live_certificate(str(config_dir), "x.ch", tree) == b"one"
+        assert certificate.live_certificate(str(config_dir), "x.ch", tree) == pem
         assert sorted(tree.below) == ["archive", "live"]
         assert open_descriptors() == before + 3  # the config dir, live/ and archive/
 

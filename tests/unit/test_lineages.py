@@ -29,7 +29,7 @@ def test_scan_reads_each_lineage_and_skips_what_is_not_one(tmp_path):
     [found] = scan(config, state)
 
     assert found.name == "example.org" and found.error is None
-    assert found.fingerprint == certificate.sha256(pem)
+    assert found.fingerprint == certificate.der_fingerprint(pem)
     assert found.domains == ("example.org", "*.example.org")
     assert found.info == certinfo.from_pem(pem)
 
@@ -57,7 +57,7 @@ def test_a_renewal_is_seen_through_the_cache(tmp_path):
 
     [after] = scan(config, state)
 
-    assert after.fingerprint == certificate.sha256(pem) != before.fingerprint
+    assert after.fingerprint == certificate.der_fingerprint(pem) != before.fingerprint
     assert after.info.sha256 != before.info.sha256
 
 
@@ -75,7 +75,7 @@ def test_a_corrupt_cache_entry_is_read_again_and_a_gone_lineage_forgotten(tmp_pa
     found = scan(config, state)
 
     assert [lineage.name for lineage in found] == ["example.org"]
-    assert found[0].fingerprint == certificate.sha256(pem) and isinstance(found[0].not_after, float)
+    assert found[0].fingerprint == certificate.der_fingerprint(pem) and isinstance(found[0].not_after, float)
     assert sorted(json.loads(cache_file.read_text())) == ["example.org"]
 
 
@@ -91,8 +91,20 @@ def test_an_unreadable_certificate_is_a_lineage_with_an_error(tmp_path):
 
 
 def test_a_certificate_that_does_not_parse_keeps_its_fingerprint(tmp_path):
-    """Reading it was fine: only the dates and domains are unknown, and the batch must
-    not read it a second time for the fingerprint."""
+    """A PEM block whose DER is no X.509 certificate: only the dates and domains are
+    unknown, and the batch must not read it a second time for the fingerprint."""
+    config, state = tmp_path / "le", tmp_path / "state"
+    certs.renew(str(config), "example.org")
+    with open(os.path.realpath(config / "live" / "example.org" / "cert.pem"), "wb") as file:
+        file.write(b"-----BEGIN CERTIFICATE-----\nbm90IERFUg==\n-----END CERTIFICATE-----\n")
+
+    [found] = scan(config, state)
+
+    assert found.fingerprint == certificate.sha256(b"not DER")
+    assert found.facts is None and found.error
+
+
+def test_a_file_without_a_pem_certificate_has_no_fingerprint(tmp_path):
     config, state = tmp_path / "le", tmp_path / "state"
     certs.renew(str(config), "example.org")
     with open(os.path.realpath(config / "live" / "example.org" / "cert.pem"), "wb") as file:
@@ -100,8 +112,7 @@ def test_a_certificate_that_does_not_parse_keeps_its_fingerprint(tmp_path):
 
     [found] = scan(config, state)
 
-    assert found.fingerprint == certificate.sha256(b"not a certificate\n")
-    assert found.facts is None and "no PEM certificate" in found.error
+    assert found.fingerprint is None and found.facts is None and "no PEM certificate" in found.error
 
 
 def test_a_scanner_kept_across_batches_sees_renewals_and_saves_once(tmp_path):
@@ -122,7 +133,7 @@ def test_a_scanner_kept_across_batches_sees_renewals_and_saves_once(tmp_path):
     last = scanner.scan()
     scanner.save()
 
-    assert found["a.example"].fingerprint == certificate.sha256(pem) != first.fingerprint
+    assert found["a.example"].fingerprint == certificate.der_fingerprint(pem) != first.fingerprint
     assert sorted(found) == ["a.example", "b.example"] and [lineage.name for lineage in last] == ["a.example"]
     with open(state / "lineages.json", encoding="utf-8") as file:
         assert sorted(json.load(file)) == ["a.example"]
@@ -147,5 +158,5 @@ def test_a_scan_reads_ahead_a_bounded_number_and_keeps_the_name_order(tmp_path, 
         if lineage.name == "n2.example":
             assert lineage.fingerprint is None and "leading out" in lineage.error
         else:
-            assert lineage.fingerprint == certificate.sha256(pems[lineage.name])
+            assert lineage.fingerprint == certificate.der_fingerprint(pems[lineage.name])
             assert lineage.domains == (lineage.name, f"*.{lineage.name}")
