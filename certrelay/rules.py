@@ -190,7 +190,8 @@ def parse(data, path="rules.toml", config_dir=None):
         problem(locator.top_level("rule"), "'rule' must be written as [[rule]] tables")
         rule_tables = []
     elif not rule_tables:
-        problem(1, "no [[rule]] tables: nothing would ever be done; add at least one rule")
+        problem(1, "no [[rule]] tables (none written, or all commented out, as in the packaged file): nothing"
+                   " would ever be done; add at least one rule (the packaged file's comments show an example)")
     rules = [parse_rule(table, index, locator, problem, config_dir) for index, table in enumerate(rule_tables)]
     duplicate_destinations(rules, problem)
     if problems:
