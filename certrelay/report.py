@@ -289,8 +289,11 @@ def certificate_json(cert):
 
 
 def nagios(snapshot):
-    """Return (exit code, text) following the Nagios plugin guidelines: one status line
-    `CERTRELAY STATUS - summary | perfdata`, then a line per problem and per lineage.
+    """Return (exit code, text) following the Nagios plugin guidelines, readable with
+    hundreds of lineages: `CERTRELAY STATUS - summary | totals`, then a line per
+    problem and per lineage, the last of them followed by ` | ` and each lineage's
+    days left, one item per line (perfdata in the long output, as the guidelines
+    allow).
 
     UNKNOWN (3) when the state could not be read; CRITICAL (2) for an endpoint not
     serving the live certificate or a certificate at level critical; WARNING (1) for
@@ -301,12 +304,28 @@ def nagios(snapshot):
     status = ranked[0][0].upper() if ranked else "OK"
     certificates = snapshot.get("certificates") or []
     summary = problems_summary([text for _, text in ranked]) if ranked else ok_summary(certificates)
-    first = f"CERTRELAY {status} - {no_pipe(summary)}"
-    perfdata = " ".join(filter(None, (perfdata_item(cert) for cert in certificates)))
-    if perfdata and status != "UNKNOWN":
-        first += f" | {perfdata}"
-    details = [text for _, text in ranked] + [certificate_line(cert) for cert in certificates]
-    return NAGIOS_CODES[status], "\n".join([first, *(no_pipe(line) for line in details)]) + "\n"
+    lines = [f"CERTRELAY {status} - {no_pipe(summary)}"] + [no_pipe(text) for _, text in ranked]
+    lines += [no_pipe(certificate_line(cert)) for cert in certificates]
+    perfdata = [item for item in map(perfdata_item, certificates) if item]
+    if certificates and status != "UNKNOWN":
+        lines[0] += " | " + totals(certificates)
+        if perfdata:
+            lines[-1] += " | " + perfdata[0]
+            lines += perfdata[1:]
+    return NAGIOS_CODES[status], "\n".join(lines) + "\n"
+
+
+def totals(certificates):
+    """Return the status line's perfdata: how many certificates in all, at each
+    expiry level and without dates, and the fewest days left of any."""
+    levels = [cert.get("level") for cert in certificates]
+    counts = (("certificates", len(certificates)), ("warning", levels.count("warning")),
+              ("critical", levels.count("critical")), ("undated", levels.count(None)))
+    items = [f"'{label}'={count};;;0;" for label, count in counts]
+    days = [cert["days_left"] for cert in certificates if cert.get("days_left") is not None]
+    if days:
+        items.append(f"'days_left_min'={min(days):.2f};;;;")
+    return " ".join(items)
 
 
 def problems_summary(texts, shown=2):

@@ -243,7 +243,8 @@ def test_verify_nagios_status_follows_the_expiry_thresholds(relay, days, age, co
 
     assert result.returncode == code, result.stdout + result.stderr
     assert result.stdout.startswith(f"CERTRELAY {word} - ")
-    assert "'herzbube.ch'=" in result.stdout.splitlines()[0].partition("|")[2]
+    assert "'certificates'=1;;;0;" in result.stdout.splitlines()[0].partition("|")[2]
+    assert " | 'herzbube.ch'=" in "\n".join(result.stdout.splitlines()[1:])  # in the long output
 
 
 def test_status_json_and_metrics_after_runs(relay, tmp_path):

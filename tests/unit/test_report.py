@@ -64,13 +64,17 @@ KEPT_REASON = (
 
 
 def status_line_and_perfdata(text):
-    """Return (status text, [perfdata items]) of plugin output, checking the format:
-    one status line, at most one "|" (before the perfdata), every item valid."""
-    first, *rest = text.rstrip("\n").split("\n")
-    assert text.count("|") <= 1
-    assert all("|" not in line for line in rest)
-    status, _, perfdata = first.partition(" | ")
-    items = perfdata.split(" ") if perfdata else []
+    """Return (status text, [per-lineage perfdata items]) of plugin output, checking
+    the format of the guidelines: the status line with the totals after " | ", long
+    text lines, the last of them with " | " and the first lineage's item, then one
+    item per line; every item valid."""
+    lines = text.rstrip("\n").split("\n")
+    status, _, totals = lines[0].partition(" | ")
+    assert all(PERFDATA_ITEM.fullmatch(item) for item in totals.split(" ") if totals), totals
+    items, piped = [], [index for index, line in enumerate(lines) if "|" in line]
+    assert piped in ([], [0]) or piped[1:] == [piped[-1]] and len(piped) <= 2 and piped[0] == 0 and totals
+    if len(piped) == 2:
+        items = [lines[piped[1]].partition(" | ")[2], *lines[piped[1] + 1:]]
     assert all(PERFDATA_ITEM.fullmatch(item) for item in items), items
     return status, items
 
@@ -354,13 +358,34 @@ def test_nagios_text_never_has_a_pipe_before_the_perfdata():
     code, text = report.nagios(data)
 
     assert code == 1
-    assert text.count("|") == 1 and "a / b c" in text
+    assert text.count("|") == 2 and "a / b c" in text  # the two perfdata separators, no more
 
 
 def test_nagios_perfdata_labels_are_quoted_and_escaped():
     _, text = report.nagios(snapshot(certificate("it's=odd")))
 
     assert status_line_and_perfdata(text)[1] == ["'it''s_odd'=45.00;18:;9:;0;90"]
+
+
+def test_nagios_with_hundreds_of_lineages_keeps_a_short_status_line_with_totals():
+    names = [f"site{index}.example" for index in range(300)]
+    certificates = [certificate(name, 40.0 + index / 10) for index, name in enumerate(names)]
+    certificates[7] = certificate(names[7], 12.0, "warning")
+    certificates[9] = certificate(names[9], None, None)
+
+    code, text = report.nagios(snapshot(*certificates))
+    status, items = status_line_and_perfdata(text)
+    first = text.splitlines()[0]
+
+    assert code == 1
+    assert len(first) < 250, first
+    assert first.endswith(" | 'certificates'=300;;;0; 'warning'=1;;;0; 'critical'=0;;;0; 'undated'=1;;;0;"
+                          " 'days_left_min'=12.00;;;;")
+    assert len(items) == 299 and items[7] == "'site7.example'=12.00;18:;9:;0;90"
+    lines = text.splitlines()
+    last_text = next(index for index, line in enumerate(lines) if index and " | " in line)
+    assert lines[last_text].endswith(" | 'site0.example'=40.00;18:;9:;0;90")
+    assert lines[last_text].startswith("site299.example: current") and len(lines) == last_text + 299
 
 
 def test_nagios_without_certificates_is_ok_without_perfdata():
