@@ -13,7 +13,8 @@ def make_certificate(domains, days=90, age_days=0):
     """Return (certificate PEM, key PEM) for `domains`, valid `days` days, issued
     `age_days` ago; self-signed (certrelay compares fingerprints, not chains)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domains[0])])
+    # A CN holds at most 64 characters (cryptography checks it from 4x); the SAN has the name.
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domains[0][:64])])
     start = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=age_days)
     certificate = (
         x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
