@@ -226,7 +226,7 @@ def hook_problems(config_dir):
 def install_problems(rules, config_dir):
     """Return a message for each install destination (for each lineage under live/
     its rule selects, else with NAME for {name}) that could not be written safely."""
-    from certrelay import install, lineages, plan as plan_module, spool as spool_module
+    from certrelay import install, lineages, placeholders, spool as spool_module
 
     problems = []
     scanned = lineages.Scanner(config_dir, None).scan() if any(rule.install for rule in rules.rules) else []
@@ -236,7 +236,7 @@ def install_problems(rules, config_dir):
             notifications = [spool_module.Notification(entry="", name=lineage.name, lineage="",
                                                        domains=tuple(lineage.domains), time="")
                              for lineage in selected] or [spool_module.Notification("", "NAME", "", (), "")]
-            paths = {specification.destination(plan_module.placeholder_values(notification, config_dir))
+            paths = {specification.destination(placeholders.values(notification, config_dir))
                      for notification in notifications}
             for path in sorted(paths):
                 problems += [f"{rules.path}:{specification.line}: {problem}"

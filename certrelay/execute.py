@@ -74,21 +74,17 @@ def systemctl(verb, unit, timeout):
     return run_command([program, verb, unit], timeout)
 
 
-def perform(action, timeout, config_dir):
-    """Carry out one planned action; return its `Result`."""
+def perform(action, timeout):
+    """Carry out one planned run, precheck or unit action; return its `Result`."""
     if action.verb in ("run", "precheck"):
         return run_command(action.target, timeout)
-    if action.verb == "install":
-        from certrelay import deliver  # only batches with installs pay for it
-
-        specification, name, values = action.payload
-        return deliver.deliver(specification, config_dir, name, values)
     return systemctl(action.verb, action.target, timeout)
 
 
-def apply(actions, timeout, config_dir, dry_run=False):
-    """Carry out `actions` in order, logging one line per action and outcome. An
-    action whose required actions failed is not done, and counts as failed.
+def apply(actions, perform, dry_run=False):
+    """Carry out `actions` in order, each with `perform(action)` -> Result, logging one
+    line per action and outcome. An action whose required actions failed is not
+    done, and counts as failed.
 
     Return {action key: Result}. With `dry_run`, log what would be done and run nothing.
     """
@@ -101,7 +97,7 @@ def apply(actions, timeout, config_dir, dry_run=False):
         if failed:
             result = Result(False, "not done, because this failed first: " + ", ".join(failed))
         else:
-            result = perform(action, timeout, config_dir)
+            result = perform(action)
         if result.ok:
             logger.info("done: %s%s", action.describe(), f": {result.detail}" if result.detail else "")
         else:

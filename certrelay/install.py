@@ -16,7 +16,7 @@ import pwd
 import re
 import stat
 
-from certrelay import files, rules
+from certrelay import files, placeholders
 
 PARTS = ("cert", "chain", "fullchain", "privkey")
 FORMATS = ("pem", "der", "pkcs12")
@@ -130,7 +130,7 @@ def parse_dest(table, line, key_line, report, config_dir):
     if not isinstance(dest, str) or not dest:
         report(where, f"'dest' must be a non-empty string, like {example}")
         return None
-    reason = rules.placeholder_problem(dest)
+    reason = placeholders.problem(dest)
     if reason:
         report(
             where,

@@ -11,9 +11,8 @@ afterwards are listed per notification.
 
 import dataclasses
 import json
-import os
 
-from certrelay import endpoint as endpoint_module, rules as rules_module
+from certrelay import endpoint as endpoint_module, placeholders, rules as rules_module
 
 NAMES_SHOWN = 10
 #: The order actions run in; unit actions (any verb) come last, in rules-file order.
@@ -113,7 +112,7 @@ def make_plan(notifications, rules, config_dir, done=None):
             unmatched.append(notification)
             continue
         already = set(done.get(notification.entry, ()))
-        values = placeholder_values(notification, config_dir)
+        values = placeholders.values(notification, config_dir)
         needed, found = set(), []
         for rule in matching:
             keys = builder.add_rule(rule, notification.name, values, already)
@@ -151,9 +150,9 @@ class Builder:
             }
             keys |= installs
         if rule.run:
-            keys |= {self._other("run", fill(argv, values), name, installs, already) for argv in rule.run}
+            keys |= {self._other("run", placeholders.fill(argv, values), name, installs, already) for argv in rule.run}
         if rule.precheck:
-            prechecks = {self._other("precheck", fill(argv, values), name, installs, already) for argv in rule.precheck}
+            prechecks = {self._other("precheck", placeholders.fill(argv, values), name, installs, already) for argv in rule.precheck}
             keys |= prechecks
         requires = installs | prechecks
         for verb, unit in rule.units:
@@ -197,17 +196,3 @@ class Builder:
         ]
         # Stable: units keep the order of the rules file.
         return sorted(found, key=lambda action: STAGE.get(action.verb, len(STAGE)))
-
-
-def fill(template, values):
-    """Return the argv `template` with its placeholders replaced by `values`."""
-    return tuple(item.format_map(values) for item in template)
-
-
-def placeholder_values(notification, config_dir):
-    """Return the values of {name}, {lineage} and {domains} for a notification."""
-    return {
-        "name": notification.name,
-        "lineage": os.path.join(config_dir, "live", notification.name),
-        "domains": " ".join(notification.domains),
-    }

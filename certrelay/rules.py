@@ -8,14 +8,12 @@ import dataclasses
 import fnmatch
 import os
 import re
-import string
 import tomllib
 
-from certrelay import durations, files, matcher
+from certrelay import durations, files, matcher, placeholders
 
 #: Unit actions, weakest first: per unit the strongest requested one wins.
 UNIT_VERBS = ("reload", "reload-or-restart", "restart")
-PLACEHOLDERS = ("name", "lineage", "domains")
 ACTION_KEYS = (*UNIT_VERBS, "run", "install", "verify")
 RULE_KEYS = {"match", "domains", *ACTION_KEYS, "escalate", "precheck"}
 
@@ -350,7 +348,7 @@ def parse_commands(key, value, line, problem):
         if not os.path.isabs(argv[0]):
             problem(line, f"{key} command {argv[0]!r} must be an absolute path (no PATH lookup, no shell)")
         for item in argv:
-            reason = placeholder_problem(item)
+            reason = placeholders.problem(item)
             if reason:
                 problem(
                     line,
@@ -359,23 +357,6 @@ def parse_commands(key, value, line, problem):
                 )
         commands.append(tuple(argv))
     return tuple(commands)
-
-
-def placeholder_problem(item):
-    """Return what is wrong with the placeholders in a `run` argument, or None.
-
-    Only bare {name}, {lineage} and {domains} are allowed: no attribute, index,
-    conversion or format spec, which would let str.format reach past the value.
-    """
-    try:
-        fields = list(string.Formatter().parse(item))
-    except ValueError as error:
-        return f"a bad placeholder ({error})"
-    for _, field, spec, conversion in fields:
-        if field is not None and (field not in PLACEHOLDERS or spec or conversion):
-            shown = "{" + field + ("!" + conversion if conversion else "") + (":" + spec if spec else "") + "}"
-            return f"a bad placeholder {shown!r}"
-    return None
 
 
 class Locator:
