@@ -153,12 +153,24 @@ def server_name(endpoint, domains):
     `endpoint.sni` if given; else the host if it is a name; else the first of the
     certificate's `domains` (a sequence of str), a leading `*.` replaced by a label it
     covers; None if there are no domains.
+
+    For `xmpp` the SNI is also the domain the stream is addressed to (RFC 7590), which
+    is the certificate's, not the server's host name (a domain's SRV record may point
+    at any host) and never an IP address: `endpoint.sni` if given; else the host if
+    it is one of the certificate's domains; else its first domain without a wildcard;
+    else the host if it is a name; else None (the probe then says to write ?sni=).
     """
     if isinstance(domains, str):
         raise TypeError("domains is a sequence of names, not one string")
     if endpoint.sni:
         return endpoint.sni
-    if ip_address(endpoint.host) is None:
+    host_is_name = ip_address(endpoint.host) is None
+    if endpoint.scheme == "xmpp":
+        plain = [domain.lower().removesuffix(".") for domain in domains if not domain.startswith("*.")]
+        if host_is_name and endpoint.host in plain:
+            return endpoint.host
+        return plain[0] if plain else endpoint.host if host_is_name else None
+    if host_is_name:
         return endpoint.host
     for domain in domains:
         return WILDCARD_LABEL + domain[1:] if domain.startswith("*.") else domain

@@ -3,18 +3,26 @@
 After a renewal certrelay restarts services; this is the wire layer that checks what
 they serve now. Given an endpoint.Endpoint (`smtp://mail.example.ch`,
 `tls://[2001:db8::1]:8443?sni=www.example.ch`), it connects, speaks just enough of the
-protocol to start TLS, and returns the leaf certificate's DER.
+protocol to start TLS, and returns the leaf certificate's DER and the certificates
+served after it. Then it says the protocol's goodbye (QUIT, LOGOUT, ...), after the
+server's greeting on direct TLS, so that the daemon logs a client that logged out,
+not one that was lost.
 
 Nothing is verified (an expired or self-signed certificate must be seen too) and no
 credentials are ever sent. Every step, from the name lookup to the end of the TLS
 handshake, shares one deadline, and reads are bounded, so that a dead, slow or hostile
-service costs its own timeout and a few kilobytes, nothing more.
+service costs its own timeout and a few kilobytes, nothing more. A name's addresses are
+tried as RFC 8305 (Happy Eyeballs) says, so a dead address costs CONNECTION_ATTEMPT_DELAY,
+not the timeout.
 """
 
 import concurrent.futures
 import dataclasses
+import errno
 import hashlib
+import os
 import re
+import selectors
 import socket
 import ssl
 import threading
@@ -32,23 +40,58 @@ CHUNK = 4096
 LDAP_STARTTLS = b"\x30\x1d\x02\x01\x01\x77\x18\x80\x16" + b"1.3.6.1.4.1.1466.20037"
 LDAP_UNBIND = b"\x30\x05\x02\x01\x02\x42\x00"  # messageID 2, [APPLICATION 2] UnbindRequest NULL
 POSTGRES_SSL_REQUEST = bytes.fromhex("0000000804d2162f")  # length 8, code 80877103
+#: RFC 8305 section 5: start connecting to the next address this long after the last
+#: attempt started (its recommended 250 ms), or at once when an attempt fails.
+CONNECTION_ATTEMPT_DELAY = 0.25
+#: Seconds, at most, that the goodbye after the handshake may take (reading a direct TLS
+#: greeting, ManageSieve's capabilities, XMPP's new stream): the certificate is in hand,
+#: so a server that stays silent costs this, never the probe's whole timeout.
+GOODBYE_WAIT = 2.0
+#: The resolver, socket.getaddrinfo's signature: a seam where tests give a name the
+#: addresses they need.
+getaddrinfo = socket.getaddrinfo
+
+#: What kind of failure a Served.failure names, for the hint a log line gives:
+FAILURES = (
+    "resolve",  # the name does not resolve (or the resolver did not answer in time)
+    "refused",  # nothing listens at an address (every address refused)
+    "timeout",  # no answer while connecting (a firewall dropping packets)
+    "blocked",  # the kernel would not connect (EPERM/EACCES: systemd's IPAddressDeny)
+    "no-route",  # no route to the address, or the address is not usable here
+    "silent",  # connected, then no answer in time
+    "closed",  # the server closed or reset the connection
+    "tls",  # the TLS handshake failed
+    "protocol",  # the server said something else than the protocol expects (quoted)
+    "config",  # the endpoint cannot be probed as written (a bad SNI, no XMPP domain)
+    "unexpected",  # an exception certrelay did not foresee
+)
 
 
 class ProbeError(Exception):
-    """The probe failed for a reason the message states in one short line."""
+    """The probe failed for a reason the message states in one short line; `kind` is
+    one of FAILURES (by default "protocol": the server's words were not the expected)."""
+
+    def __init__(self, message, kind="protocol"):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclasses.dataclass(frozen=True)
 class Served:
     """What `endpoint` served when asked with `server_name` (the SNI, or None).
 
-    `der` is the leaf certificate's DER; when it is None, `error` says why in one line.
+    `der` is the leaf certificate's DER; when it is None, `error` says why in one line
+    and `failure` which of FAILURES it was. `chain` holds the DER of each certificate
+    the server sent after the leaf, in its order (None when this Python's ssl module
+    cannot tell).
     """
 
     endpoint: object  # endpoint.Endpoint
     server_name: str | None
     der: bytes | None
     error: str | None
+    chain: tuple | None = None
+    failure: str | None = None
 
     @property
     def sha256(self):
@@ -58,30 +101,35 @@ class Served:
 
 def fetch(endpoint, server_name, timeout):
     """Connect to `endpoint` (an Endpoint), start TLS sending the SNI `server_name` (a
-    name, or None or an IP address for none), and return a Served with the leaf
-    certificate's DER, or with the error that prevented it.
+    name, or None or an IP address for none), say the protocol's goodbye, and return a
+    Served with the leaf certificate's DER and the chain after it, or with the error
+    that prevented it.
 
-    Never raises. Everything shares `timeout` seconds: the name lookup, each connect,
-    every read and write, and the handshake.
+    Never raises. Everything shares `timeout` seconds: the name lookup, the connects,
+    every read and write, and the handshake; the goodbye gets at most GOODBYE_WAIT of
+    what is left.
     """
     conversation = _Conversation(time.monotonic() + timeout)
     try:
+        if endpoint.scheme == "xmpp":
+            xmpp_domain(server_name)  # before connecting: a stream is never addressed to an IP address
         conversation.connect(endpoint.host, endpoint.port)
-        goodbye = b""
+        goodbye = GOODBYES.get(endpoint.scheme, _nothing)
         if endpoint_module.SCHEMES[endpoint.scheme][1] == "starttls":
-            goodbye = STARTTLS[endpoint.scheme](conversation, server_name or endpoint.host)
-        der = conversation.start_tls(server_name)
-        conversation.send_quietly(goodbye)
-        return Served(endpoint, server_name, der, None)
+            goodbye = STARTTLS[endpoint.scheme](conversation, server_name)
+        der, chain = conversation.start_tls(server_name)
+        conversation.say_goodbye(goodbye)
+        return Served(endpoint, server_name, der, None, chain)
     except ProbeError as error:
-        message = str(error)
+        message, failure = str(error), error.kind
     except OSError as error:
-        message = _describe(error, conversation.phase, timeout)
+        message, failure = _describe(error, conversation.phase, timeout)
     except Exception as error:  # a bug, or something unforeseen in a hostile reply: still a result
         message = f"unexpected {type(error).__name__} {conversation.phase}: {_printable(str(error))}"
+        failure = "unexpected"
     finally:
         conversation.close()
-    return Served(endpoint, server_name, None, message)
+    return Served(endpoint, server_name, None, message, None, failure)
 
 
 def fetch_many(requests, timeout, concurrency=16):
@@ -98,17 +146,33 @@ def fetch_many(requests, timeout, concurrency=16):
 
 
 def _describe(error, phase, timeout):
-    """Return one log line for an OSError (ssl errors included) raised `phase`."""
+    """Return (one log line, kind of failure) for an OSError (ssl errors included)
+    raised `phase`."""
+    connecting = phase == "while connecting"
     if isinstance(error, TimeoutError):
-        return f"timed out after {timeout:g} s {phase}"
+        kind = "resolve" if phase == "while resolving the host name" else "timeout" if connecting else "silent"
+        return f"timed out after {timeout:g} s {phase}", kind
     if isinstance(error, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
-        return f"connection closed by the server {phase}"
+        return f"connection closed by the server {phase}", "closed"
     if isinstance(error, ssl.SSLError):
         reason = error.reason.lower().replace("_", " ") if error.reason else str(error)
-        return f"TLS handshake failed: {reason}"
+        return f"TLS handshake failed: {reason}", "tls"
     text = error.strerror or str(error) or type(error).__name__
     text = text[:1].lower() + text[1:]
-    return text if phase == "while connecting" else f"{text} {phase}"
+    if isinstance(error, ConnectionRefusedError):
+        kind = "refused"
+    elif isinstance(error, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
+        kind = "closed"
+    elif error.errno in (errno.EPERM, errno.EACCES):
+        kind = "blocked"
+    elif error.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT,
+                         errno.ENETDOWN, errno.EHOSTDOWN):
+        kind = "no-route"
+    elif error.errno == errno.ETIMEDOUT:  # the kernel gave up on the SYNs before the deadline
+        kind = "timeout" if connecting else "silent"
+    else:
+        kind = "unexpected"
+    return (text if phase == "while connecting" else f"{text} {phase}"), kind
 
 
 def _printable(text, limit=120):
@@ -124,12 +188,12 @@ def _resolve(host, port, deadline):
     the resolver's own timeouts are longer, and would stretch the probe's.
     """
     if endpoint_module.ip_address(host) is not None:
-        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+        return getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
     outcome = []
 
     def look_up():
         try:
-            outcome.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+            outcome.append(getaddrinfo(host, port, type=socket.SOCK_STREAM))
         except Exception as error:
             outcome.append(error)
 
@@ -140,8 +204,84 @@ def _resolve(host, port, deadline):
         raise TimeoutError
     if isinstance(outcome[0], Exception):
         reason = getattr(outcome[0], "strerror", None) or outcome[0]
-        raise ProbeError(f"cannot resolve {host}: {reason}")
+        raise ProbeError(f"cannot resolve {host}: {reason}", "resolve")
     return outcome[0]
+
+
+def _interleaved(addresses):
+    """Return getaddrinfo's `addresses` in the order RFC 8305 section 4 tries them: the
+    families alternating, starting with the first address's (getaddrinfo sorted them
+    by RFC 6724, which prefers IPv6), each family in its own order."""
+    by_family = {}
+    for address in addresses:
+        by_family.setdefault(address[0], []).append(address)
+    queues = list(by_family.values())
+    ordered = []
+    while queues:
+        ordered += [queue.pop(0) for queue in queues]
+        queues = [queue for queue in queues if queue]
+    return ordered
+
+
+def _race(addresses, deadline):
+    """Connect to the first of `addresses` (getaddrinfo tuples) that accepts, as RFC
+    8305 section 5 says: one attempt after the other, CONNECTION_ATTEMPT_DELAY apart
+    or at once after a failure, all running concurrently until one connects; the
+    others are closed. Return the connected socket (blocking); raise TimeoutError at
+    `deadline` (time.monotonic()), else the last attempt's failure."""
+    waiting, attempts, failure = list(addresses), [], None
+    selector = selectors.DefaultSelector()
+    winner, next_start = None, time.monotonic()
+    try:
+        while waiting or attempts:
+            now = time.monotonic()
+            if now >= deadline:
+                raise TimeoutError
+            if waiting and (now >= next_start or not attempts):
+                family, kind, protocol, _, address = waiting.pop(0)
+                try:
+                    sock = socket.socket(family, kind, protocol)  # fails where IPv6 is disabled
+                except OSError as error:
+                    failure = error
+                    continue
+                sock.setblocking(False)
+                code = sock.connect_ex(address)
+                if code == 0:
+                    winner = sock
+                    break
+                if code not in (errno.EINPROGRESS, errno.EAGAIN):
+                    sock.close()
+                    failure = OSError(code, os.strerror(code))
+                    continue  # the next address at once
+                attempts.append(sock)
+                selector.register(sock, selectors.EVENT_WRITE)
+                next_start = now + CONNECTION_ATTEMPT_DELAY
+                continue
+            wait = deadline - now
+            if waiting:
+                wait = min(wait, next_start - now)
+            for key, _ in selector.select(max(0.0, wait)):
+                sock = key.fileobj
+                selector.unregister(sock)
+                attempts.remove(sock)
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if code == 0:
+                    winner = sock
+                    break
+                sock.close()
+                failure = OSError(code, os.strerror(code))
+                next_start = time.monotonic()  # a failed attempt starts the next one at once
+            if winner is not None:
+                break
+    finally:
+        for sock in attempts:
+            if sock is not winner:
+                sock.close()
+        selector.close()
+    if winner is None:
+        raise failure or OSError(errno.EADDRNOTAVAIL, "no address to connect to")
+    winner.setblocking(True)
+    return winner
 
 
 class _Conversation:
@@ -156,6 +296,7 @@ class _Conversation:
         self.sock = None
         self.buffer = bytearray()
         self.phase = "while connecting"
+        self.said_goodbye = False
 
     def _arm(self, sock=None):
         """Give the next socket operation what is left of the deadline, or raise TimeoutError."""
@@ -165,29 +306,25 @@ class _Conversation:
         (sock or self.sock).settimeout(remaining)
 
     def connect(self, host, port):
-        """Connect to the first of `host`'s addresses that accepts; raise the last failure."""
+        """Connect to the first of `host`'s addresses that accepts (Happy Eyeballs); raise
+        TimeoutError at the deadline, else the last address's failure."""
         self.phase = "while resolving the host name"
         addresses = _resolve(host, port, self.deadline)
         self.phase = "while connecting"
-        failure = ProbeError(f"{host} has no address")
-        for family, kind, protocol, _, address in addresses:
-            sock = None
-            try:
-                sock = socket.socket(family, kind, protocol)  # fails where IPv6 is disabled
-                self._arm(sock)
-                sock.connect(address)
-            except OSError as error:
-                if sock is not None:
-                    sock.close()
-                failure = error
-                continue
-            self.sock = sock
-            return
-        raise failure
+        if not addresses:
+            raise ProbeError(f"{host} has no address", "resolve")
+        self.sock = _race(_interleaved(addresses), self.deadline)
 
     def send(self, data):
         self._arm()
         self.sock.sendall(data)
+
+    def send_goodbye(self, data):
+        """Send `data`, a few bytes that fit any send buffer, even once the goodbye's
+        time ran out reading."""
+        self.sock.settimeout(1.0)
+        self.sock.sendall(data)
+        self.said_goodbye = True
 
     def send_quietly(self, data):
         """Send `data` if possible: a goodbye must not turn a result into an error."""
@@ -206,7 +343,7 @@ class _Conversation:
         self._arm()
         chunk = self.sock.recv(CHUNK)
         if not chunk:
-            raise ProbeError(f"connection closed by the server {self.phase}")
+            raise ProbeError(f"connection closed by the server {self.phase}", "closed")
         self.buffer += chunk
 
     def read_bytes(self, count):
@@ -265,7 +402,8 @@ class _Conversation:
 
     def start_tls(self, server_name):
         """Do the TLS handshake, sending `server_name` as SNI unless it is None or an IP
-        address; return the leaf certificate's DER."""
+        address; return the leaf certificate's DER and the chain served after it (see
+        Served.chain)."""
         if self.buffer:  # bytes sent ahead of the handshake are an injection attempt or garbage
             early = _printable(repr(bytes(self.buffer)))
             raise ProbeError(f"the server sent data it should not have before the TLS handshake: {early}")
@@ -278,24 +416,128 @@ class _Conversation:
             try:  # as wrap_socket will, but before it takes the socket over, leaking it on failure
                 sni.encode("idna")
             except UnicodeError:  # an empty or overlong label
-                raise ProbeError(f"cannot send {_printable(repr(sni))} as SNI: not a valid host name") from None
+                raise ProbeError(f"cannot send {_printable(repr(sni))} as SNI: not a valid host name",
+                                 "config") from None
         self.sock = context.wrap_socket(self.sock, server_hostname=sni, do_handshake_on_connect=False)
         self._arm()
         self.sock.do_handshake()
         der = self.sock.getpeercert(binary_form=True)
         if not der:
-            raise ProbeError("the server sent no certificate")
+            raise ProbeError("the server sent no certificate", "tls")
         self.phase = "after the TLS handshake"
-        return der
+        return der, _served_chain(self.sock, der)
+
+    def say_goodbye(self, goodbye):
+        """After the handshake: run `goodbye(self)`, what the protocol says before
+        leaving, then, if it said anything, read until the server closes the connection
+        (so that its answer, 221 or BYE, is not lost to a reset), then send TLS's
+        close_notify; all within GOODBYE_WAIT. The certificate is in hand: nothing that
+        fails here changes the result."""
+        self.phase = "saying goodbye"
+        self.deadline = min(self.deadline, time.monotonic() + GOODBYE_WAIT)
+        try:
+            goodbye(self)
+            if self.said_goodbye:
+                self.phase = "waiting for the server to close the connection"
+                self.buffer.clear()
+                while len(self.buffer) < MAX_MESSAGE:
+                    self._receive()  # ProbeError at the end of the connection
+                    self.buffer.clear()
+        except (OSError, ProbeError):
+            pass
+        try:  # without it, Dovecot and Prosody may log the TLS connection as lost
+            self.sock.setblocking(False)
+            self.sock.unwrap()  # sends close_notify, then would wait for the server's
+        except (OSError, ValueError):  # ssl.SSLWantReadError: not waiting for it
+            pass
 
     def close(self):
         if self.sock is not None:
             self.sock.close()
 
 
-# STARTTLS dialogues: each takes the _Conversation and the domain the client asks for,
-# leaves the connection ready for the ClientHello, and returns what to send over TLS to
-# end the session politely (b"" for nothing).
+def _served_chain(sock, der):
+    """Return the DER of each certificate `sock` (an SSLSocket after the handshake) was
+    sent after the leaf `der`, in order; None if this Python cannot tell."""
+    reader = getattr(sock, "get_unverified_chain", None)  # public from Python 3.13 on
+    if reader is None:
+        reader = getattr(getattr(sock, "_sslobj", None), "get_unverified_chain", None)  # 3.10 to 3.12
+    try:
+        chain = reader() if reader is not None else None
+    except (ssl.SSLError, ValueError, AttributeError):
+        return None
+    if chain is None:
+        return None
+    ders = [each if isinstance(each, bytes) else each.public_bytes(ssl._ssl.ENCODING_DER) for each in chain]
+    return tuple(ders[1:] if ders and ders[0] == der else ders)  # a client's chain starts with the leaf
+
+
+# Goodbyes: each takes the _Conversation after the handshake and says what the protocol
+# says before leaving, so that the daemon logs a logout, not a lost client
+# (Conversation.say_goodbye bounds it and sends close_notify after it).
+
+
+def _nothing(conversation):
+    """The goodbye of a protocol without one, or whose client speaks first (https, tls)."""
+
+
+def _say(data):
+    """Return a goodbye that sends `data` (bytes)."""
+    def goodbye(conversation):
+        conversation.send_goodbye(data)
+    return goodbye
+
+
+def _after_greeting(accepts, data):
+    """Return a direct TLS goodbye: read the greeting, then send `data` if
+    `accepts(greeting)` (a server that said BYE is leaving anyway). A greeting that
+    never comes gets no goodbye: the server does not speak the protocol."""
+    def goodbye(conversation):
+        conversation.phase = "waiting for the greeting"
+        if accepts(conversation):
+            conversation.send_goodbye(data)
+    return goodbye
+
+
+def _smtp_greeting(conversation):
+    conversation.read_reply()  # any reply: RFC 5321 4.3.1 has the client QUIT after a 554 too
+    return True
+
+
+GOODBYES = {  # direct TLS: after the greeting of protocols where the server speaks first
+    "smtps": _after_greeting(_smtp_greeting, b"QUIT\r\n"),
+    "imaps": _after_greeting(lambda talk: talk.read_line().upper().startswith(("* OK", "* PREAUTH")), b"a LOGOUT\r\n"),
+    "pop3s": _after_greeting(lambda talk: talk.read_line().startswith("+OK"), b"QUIT\r\n"),
+    "ldaps": _say(LDAP_UNBIND),  # the client speaks first
+}
+
+
+def _sieve_goodbye(conversation):
+    """RFC 5804 2.2: after the handshake the server sends its capabilities again, up to
+    an OK; reading them before LOGOUT is what a client does (Dovecot logs a client
+    that leaves without as a closed connection, not a logout)."""
+    conversation.phase = "waiting for the capabilities"
+    try:
+        for _ in range(MAX_LINES + 1):
+            line = conversation.read_line().upper()
+            if line.startswith("BYE"):
+                return
+            if line.startswith(("OK", "NO")):
+                break
+    except TimeoutError:
+        pass  # a server that does not send them still gets its LOGOUT
+    conversation.send_goodbye(b"LOGOUT\r\n")
+
+
+def _xmpp_goodbye(domain):
+    """Return XMPP's goodbye: the stream starts anew over TLS (RFC 6120 5.4.3.3), so
+    open it (to `domain` again) and close it at once, in one write: Prosody logs the
+    stream as closed by the client, not the connection as lost."""
+    return _say(_xmpp_header(domain) + b"</stream:stream>")
+
+
+# STARTTLS dialogues: each takes the _Conversation and the SNI (a name, None or an IP
+# address), leaves the connection ready for the ClientHello, and returns its goodbye.
 
 
 def _smtp(conversation, domain):
@@ -305,7 +547,7 @@ def _smtp(conversation, domain):
     if not any(line[4:].strip().upper() == "STARTTLS" for line in lines[1:]):
         conversation.give_up("the server does not offer STARTTLS", b"QUIT\r\n")
     conversation.expect("waiting for the STARTTLS reply", b"STARTTLS\r\n", "220", "STARTTLS refused")
-    return b"QUIT\r\n"
+    return _say(b"QUIT\r\n")
 
 
 def _imap(conversation, domain):
@@ -320,7 +562,7 @@ def _imap(conversation, domain):
         if line.startswith("* "):  # untagged data, e.g. CAPABILITY
             continue
         if line.upper().startswith("A OK"):
-            return b"a LOGOUT\r\n"
+            return _say(b"a LOGOUT\r\n")
         conversation.give_up(f"STARTTLS refused: {_printable(line)}", b"a LOGOUT\r\n")
     raise ProbeError(f"no tagged reply within {MAX_LINES} lines {conversation.phase}")
 
@@ -335,7 +577,7 @@ def _pop3(conversation, domain):
     reply = conversation.read_line()
     if not reply.startswith("+OK"):
         conversation.give_up(f"STLS refused: {_printable(reply)}", b"QUIT\r\n")
-    return b"QUIT\r\n"
+    return _say(b"QUIT\r\n")
 
 
 def _sieve(conversation, domain):
@@ -354,7 +596,7 @@ def _sieve(conversation, domain):
     reply = conversation.read_line()
     if not reply.upper().startswith("OK"):
         conversation.give_up(f"STARTTLS refused: {_printable(reply)}", b"LOGOUT\r\n")
-    return b"LOGOUT\r\n"
+    return _sieve_goodbye
 
 
 def _ftp(conversation, domain):
@@ -365,7 +607,7 @@ def _ftp(conversation, domain):
     if code != "220":
         conversation.give_up(f"unexpected greeting: {_printable(lines[-1])}", b"QUIT\r\n")
     conversation.expect("waiting for the AUTH TLS reply", b"AUTH TLS\r\n", "234", "AUTH TLS refused")
-    return b"QUIT\r\n"
+    return _say(b"QUIT\r\n")
 
 
 XMPP_STREAM_ERROR = rb"<stream:error>\s*<([\w-]+)|</stream:stream>"
@@ -373,12 +615,26 @@ XMPP_FEATURES = re.compile(rb"<starttls[\s/>]|</stream:features>|" + XMPP_STREAM
 XMPP_PROCEED = re.compile(rb"<proceed[^>]*>|<failure[^>]*>|" + XMPP_STREAM_ERROR)
 
 
+def _xmpp_header(domain):
+    """The opening of a client stream addressed to `domain` (a DNS name)."""
+    return (f"<?xml version='1.0'?><stream:stream to={quoteattr(domain)} version='1.0' xmlns='jabber:client'"
+            f" xmlns:stream='http://etherx.jabber.org/streams'>").encode()
+
+
+def xmpp_domain(server_name):
+    """Return the domain an XMPP stream is addressed to for the SNI `server_name`,
+    which is that domain (endpoint.server_name), or raise ProbeError when there is no
+    name: a stream is never addressed to an IP address (servers answer host-unknown)."""
+    if not server_name or endpoint_module.ip_address(server_name) is not None:
+        raise ProbeError("no domain to address the XMPP stream to (an IP address is none): write"
+                         " xmpp://HOST?sni=DOMAIN", "config")
+    return server_name
+
+
 def _xmpp(conversation, domain):
     end = b"</stream:stream>"
-    conversation.send(
-        f"<?xml version='1.0'?><stream:stream to={quoteattr(domain)} version='1.0' xmlns='jabber:client'"
-        f" xmlns:stream='http://etherx.jabber.org/streams'>".encode()
-    )
+    domain = xmpp_domain(domain)
+    conversation.send(_xmpp_header(domain))
     conversation.phase = "waiting for the stream features"
     match = conversation.read_until(XMPP_FEATURES)
     if match.group(1) or match.group(0) == end:
@@ -393,7 +649,7 @@ def _xmpp(conversation, domain):
         raise ProbeError(f"XMPP stream error {conversation.phase}: {(match.group(1) or b'closed').decode()}")
     if not match.group(0).startswith(b"<proceed"):
         conversation.give_up("STARTTLS refused: <failure/>", end)
-    return b""  # the stream starts anew over TLS: there is nothing to close
+    return _xmpp_goodbye(domain)
 
 
 def _ldap(conversation, domain):
@@ -424,7 +680,7 @@ def _ldap(conversation, domain):
             diagnostic = ""
         detail = f": {_printable(diagnostic)}" if diagnostic else ""
         conversation.give_up(f"StartTLS refused: LDAP result {code}{detail}", LDAP_UNBIND)
-    return LDAP_UNBIND
+    return _say(LDAP_UNBIND)
 
 
 def _ber(data, offset=0):
@@ -452,7 +708,7 @@ def _postgres(conversation, domain):
     if reply != b"S":
         text = reply.decode("latin-1")
         raise ProbeError(f"server refused SSL ({text if text.isprintable() else reply.hex()})")
-    return b""  # a Terminate message before any startup packet would only be logged as an error
+    return _nothing  # a Terminate message before any startup packet would only be logged as an error
 
 
 STARTTLS = {
