@@ -7,7 +7,8 @@ Metrics (gauges unless noted); a family with no sample is left out:
 - certrelay_certificate_not_before_timestamp_seconds{name}
 - certrelay_certificate_info{name,sha256,serial} 1
 - certrelay_certificate_expiry_level{name}: 0 ok, 1 warning, 2 critical
-- certrelay_served_certificate_current{name,endpoint}: 1 or 0
+- certrelay_served_certificate_current{name,endpoint}: 1 (outcome current) or 0 (chain, old,
+  other, unreachable: see certrelay.verify.OUTCOMES)
 - certrelay_served_certificate_not_after_timestamp_seconds{name,endpoint}: when known
 - certrelay_notifications{state}: pending, kept, deferred (always all three)
 - certrelay_actions_total{unit,verb,result}: a counter
@@ -86,7 +87,7 @@ def endpoint_families(certificates):
     return [
         (
             "certrelay_served_certificate_current", "gauge",
-            "1 if the endpoint serves the lineage's live certificate, else 0.",
+            "1 if the endpoint serves the lineage's live certificate and chain, else 0.",
             [
                 ({"name": name, "endpoint": endpoint["endpoint"]}, int(endpoint.get("outcome") == "current"))
                 for name, endpoint in endpoints

@@ -19,7 +19,7 @@ A snapshot is a plain dict built by the caller; every time is epoch seconds (UTC
           "installs": [{"dest": "/etc/haproxy/certs/example.org.pem", "result": "success"|"failure",
                         "time": epoch, "detail": "..."}],  # the last delivery to each
           "endpoints": [{"endpoint": "imaps://127.0.0.1:993",
-                         "outcome": "current"|"old"|"other"|"unreachable",
+                         "outcome": "current"|"chain"|"old"|"other"|"unreachable",
                          "served_sha256": "..." or None, "served_serial": "..." or None,
                          "served_not_after": epoch or None, "error": None or "...",
                          "checked": epoch}],
@@ -44,6 +44,7 @@ EXPIRY_ADVICE = (
     " so renewal is probably failing: check certbot's output and letsencrypt.log"
 )
 ENDPOINT_ADVICE = {
+    "chain": "the service did not read chain.pem (or fullchain.pem) anew since the renewal, or reads a copy of it",
     "old": "the service was not restarted or reloaded since the renewal, or reads a copy of the files",
     "other": "the service reads another certificate than this lineage's",
 }
@@ -99,6 +100,8 @@ def attempts(kept):
 def endpoint_summary(endpoint):
     """Return what is wrong with an endpoint that does not serve the live certificate."""
     outcome = endpoint.get("outcome")
+    if outcome == "chain":
+        return "serves the live certificate with a stale chain"
     if outcome == "old":
         return "still serves the old certificate"
     if outcome == "other":

@@ -5,14 +5,16 @@ selected an acted-on certificate is probed until it serves the live certificate 
 `verify-timeout` runs out, pausing longer between rounds (restarts take a moment).
 Each ends as one of OUTCOMES:
 
-    current      serves the lineage's live certificate
+    current      serves the lineage's live certificate, with the intermediates of its chain.pem
+    chain        serves the live certificate with other intermediates than chain.pem's
     old          serves a certificate the lineage had before (archive/NAME/certN.pem)
     other        serves a certificate of no lineage certrelay knows (wrong vhost, SNI, path)
     unreachable  no certificate: refused, timed out, no STARTTLS, ...
 
-An endpoint still serving the *old* certificate after its units were only reloaded
-gets those units restarted once (unless the rule says `escalate = false`), then is
-verified again. *Other* and *unreachable* never lead to a restart here.
+An endpoint still serving the *old* certificate, or the live one with a stale *chain*,
+after its units were only reloaded gets those units restarted once (unless the rule
+says `escalate = false`), then is verified again. *Other* and *unreachable* never lead
+to a restart here.
 """
 
 import dataclasses
@@ -23,10 +25,41 @@ from certrelay import certificate, durations, execute, probe
 
 logger = logging.getLogger(__name__)
 
-OUTCOMES = ("current", "old", "other", "unreachable")
+OUTCOMES = ("current", "chain", "old", "other", "unreachable")
+#: Outcomes after which a reload is escalated to one restart. A stale chain is there
+#: too: the leaf was read anew but the intermediates were not, which is what a reload
+#: that did not fully take looks like for a service that reads cert.pem and chain.pem
+#: apart or keeps its chain in memory (an old intermediate after Let's Encrypt changed
+#: them: clients fail to build the path). A restart reads every file again and is the
+#: fix the log line gives anyway; one restart is what `old` costs too, `escalate =
+#: false` turns both off, and a chain that a restart does not fix (a copy of an old
+#: chain.pem) stays an error naming both chains, never a loop of restarts.
+ESCALATING = ("old", "chain")
 ATTEMPT_TIMEOUT = 10.0  # seconds for one probe round's connect, dialogue and handshake
 FIRST_PAUSE, LONGEST_PAUSE = 0.5, 5.0  # seconds between rounds, doubling
 RELOADS = ("reload", "reload-or-restart")
+PEM_BEGIN, PEM_END = b"-----BEGIN CERTIFICATE-----", b"-----END CERTIFICATE-----"
+#: What to do about each kind of failure (probe.FAILURES) that left an endpoint
+#: unreachable; {scheme} is the endpoint's.
+HINTS = {
+    "resolve": "the host name does not resolve here: check it, or write the address",
+    "refused": "nothing listens there: is the service running, and listening on this address and port?",
+    "timeout": ("nothing answered: a firewall drops the packets, or the address is wrong; is the service"
+                " running and listening there?"),
+    "blocked": ("the system refused to connect: certrelay's hardened units reach loopback only; for this"
+                " address, systemctl edit certrelay.service and add IPAddressAllow=ADDRESS"),
+    "no-route": "no route to that address: is the address right, and is the network up?",
+    "silent": ("the service accepted the connection, then said nothing in time: is it overloaded or hung,"
+               " and does it speak {scheme} on this port?"),
+    "closed": ("the service closed the connection: does it speak {scheme} on this port, and does it let"
+               " this client in (connection limits, access rules, fail2ban)?"),
+    "tls": ("the TLS handshake failed: does this port speak {scheme} ({mode}), and has the service a"
+            " certificate and key for this name?"),
+    "protocol": ("the server's own words are quoted: does the service offer TLS there, and is {scheme}"
+                 " the protocol it speaks on this port?"),
+    "config": "fix the endpoint in the rules",
+    "unexpected": "nothing certrelay foresaw: please report this line",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +74,7 @@ class Verdict:
     expected: str = None
     owner: str = None  # for "other": the lineage whose live certificate was served, if any
     live: str = None  # for a verdict not current: serial and expiry of the live certificate
+    chain: tuple = None  # for "chain": (the intermediates served, those of chain.pem), DERs
 
     @property
     def ok(self):
@@ -53,11 +87,16 @@ class Verdict:
         where = check.endpoint.url + (f" (SNI {check.server_name})" if check.server_name else "")
         suffix = f" [{units}]" if units else ""
         if self.outcome == "unreachable":
-            return (f"{where}: unreachable ({self.served.error}); is the service running and listening"
-                    f" there?{suffix}")
+            return f"{where}: unreachable ({self.served.error}); {hint(self.served)}{suffix}"
         served = summary(self.served.der)
         if self.outcome == "current":
             return f"{where} serves the current certificate of {check.name} ({served}){suffix}"
+        if self.outcome == "chain":
+            fix = f"reload or restart {units}" if units else "reload or restart the service"
+            return (f"{where} serves the current certificate of {check.name} ({served}) with a stale chain"
+                    f" (intermediates served: {certificates(self.chain[0])}; chain.pem:"
+                    f" {certificates(self.chain[1])}): {fix} so that it reads chain.pem or fullchain.pem"
+                    f" again, not a copy of an old one{suffix}")
         live = f" ({self.live})" if self.live else ""
         if self.outcome == "old":
             return (f"{where} still serves an OLD certificate of {check.name} ({served}), not the live one"
@@ -65,6 +104,59 @@ class Verdict:
         owner = f"the live certificate of {self.owner}" if self.owner else "a certificate of no lineage certrelay knows"
         return (f"{where} serves {owner} ({served}), not the live one of {check.name}{live}: check the"
                 f" service's certificate path, vhost or SNI{suffix}")
+
+
+def hint(served):
+    """Return what to do about an unreachable endpoint, by the kind of its failure."""
+    from certrelay import endpoint as endpoint_module
+
+    scheme = served.endpoint.scheme
+    mode = "TLS from the first byte" if endpoint_module.SCHEMES[scheme][1] == "tls" else "STARTTLS"
+    return HINTS.get(served.failure, HINTS["refused"]).format(scheme=f"{scheme}://", mode=mode)
+
+
+def certificates(ders):
+    """Return "CN=R11 (sha256 1a2b3c4d5e6f), ..." for DER certificates, or "none"."""
+    return ", ".join(f"{_subject(der)} (sha256 {certificate.sha256(der)[:12]})" for der in ders) or "none"
+
+
+def _facts(der):
+    """Return (subject, self-signed?) of a DER certificate; ("unparsable", False) if
+    it cannot be read (python3-cryptography missing included)."""
+    try:
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+
+        parsed = x509.load_der_x509_certificate(der)
+    except (ImportError, ValueError):
+        return "unparsable", False
+    names = parsed.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    subject = f"CN={names[0].value}" if names else (parsed.subject.rfc4514_string() or "no subject")
+    return subject, parsed.subject == parsed.issuer
+
+
+def _subject(der):
+    return _facts(der)[0]
+
+
+def intermediates(ders, leaf):
+    """Return the set of DER certificates among `ders` that a client needs from the
+    server to reach its roots: without the `leaf` itself and without self-signed roots
+    (clients have their own; some servers send them, which costs bytes, not trust)."""
+    return frozenset(der for der in ders if der != leaf and not _facts(der)[1])
+
+
+def pem_certificates(data):
+    """Return the DER of each PEM certificate in `data` (bytes), in order; raise
+    certificate.CertificateError for a block that is not one."""
+    ders, position = [], 0
+    while (begin := data.find(PEM_BEGIN, position)) >= 0:
+        end = data.find(PEM_END, begin)
+        if end < 0:
+            break
+        position = end + len(PEM_END)
+        ders.append(certificate.pem_to_der(data[begin:position]))
+    return ders
 
 
 def summary(der):
@@ -83,7 +175,7 @@ class Fingerprints:
 
     def __init__(self, config_dir):
         self.config_dir = config_dir
-        self.live, self.former, self.owners = {}, {}, None
+        self.live, self.former, self.chains, self.owners = {}, {}, {}, None
 
     def expected(self, name):
         """Return the DER fingerprint of live/NAME/cert.pem, or None if unreadable."""
@@ -100,12 +192,37 @@ class Fingerprints:
                 self.live[name] = (None, None)
         return self.live[name]
 
+    def live_chain(self, name):
+        """Return the DER certificates of live/NAME/chain.pem, or None if it cannot be
+        read (a lineage without one: nothing to compare with)."""
+        if name not in self.chains:
+            try:
+                data = certificate.read_beneath(self.config_dir, f"live/{name}/chain.pem",
+                                                certificate.MAX_CERTIFICATE)
+                self.chains[name] = pem_certificates(data)
+            except certificate.CertificateError as error:
+                logger.debug("not comparing the chains served for %s: %s", name, error)
+                self.chains[name] = None
+        return self.chains[name]
+
+    def stale_chain(self, name, served):
+        """Return (intermediates served, intermediates of chain.pem) as sorted tuples of
+        DER if they differ for `served` (the live leaf), else None (None too when either
+        is unknown)."""
+        expected = self.live_chain(name)
+        if served.chain is None or expected is None:
+            return None
+        sent, wanted = intermediates(served.chain, served.der), intermediates(expected, served.der)
+        if sent == wanted:
+            return None
+        return tuple(der for der in served.chain if der in sent), tuple(der for der in expected if der in wanted)
+
     def classify(self, name, served):
         """Return the outcome for what `served` (probe.Served) holds, for lineage `name`."""
         if served.der is None:
             return "unreachable"
         if served.sha256 == self.expected(name):
-            return "current"
+            return "chain" if self.stale_chain(name, served) else "current"
         if name not in self.former:
             self.former[name] = certificate.archive_fingerprints(self.config_dir, name)
         return "old" if served.sha256 in self.former[name] else "other"
@@ -136,7 +253,8 @@ def verify(checks, config_dir, timeout, fingerprints=None, quiet=False, once=Fal
             owner = fingerprints.owner(answer.sha256) if outcome == "other" else None
             expected, der = fingerprints.live_der(check.name)
             live = summary(der) if der and outcome in ("old", "other") else None
-            verdicts[check] = Verdict(check, outcome, answer, expected, owner, live)
+            chain = fingerprints.stale_chain(check.name, answer) if outcome == "chain" else None
+            verdicts[check] = Verdict(check, outcome, answer, expected, owner, live, chain)
         pending = [check for check in pending if not verdicts[check].ok]
         if not pending or once or time.monotonic() + pause >= deadline:
             break
@@ -154,7 +272,7 @@ def log(verdict, settings=None):
     if verdict.ok:
         logger.info("verified: %s", verdict.describe())
     else:
-        logger.error("not current: %s", verdict.describe())
+        logger.error("%s: %s", "stale chain" if verdict.outcome == "chain" else "not current", verdict.describe())
     if settings and verdict.served.der:
         expiry_alarm(verdict, settings)
 
@@ -176,8 +294,8 @@ def expiry_alarm(verdict, settings):
 
 def verify_and_escalate(checks, config_dir, settings, done_verbs):
     """Verify `checks` after a batch; restart once the units of those still serving an
-    old certificate that were only reloaded (`done_verbs`: {unit: verb done in this
-    batch}), then verify those again.
+    old certificate or a stale chain (ESCALATING) that were only reloaded (`done_verbs`:
+    {unit: verb done in this batch}), then verify those again.
 
     Return (verdicts, {unit: execute.Result of its escalation restart}).
     """
@@ -187,7 +305,7 @@ def verify_and_escalate(checks, config_dir, settings, done_verbs):
     units, stale = {}, []
     for verdict in verdicts:
         reloaded = [unit for verb, unit in verdict.check.units if done_verbs.get(unit, verb) in RELOADS]
-        if verdict.outcome == "old" and verdict.check.escalate and reloaded:
+        if verdict.outcome in ESCALATING and verdict.check.escalate and reloaded:
             stale.append(verdict)
             logger.warning("%s after a reload: escalating to a restart", verdict.describe())
             for unit in reloaded:
