@@ -30,7 +30,7 @@ STRICT = $(if $(filter 0,$(shell id -u)),CERTRELAY_NO_SKIP=1)
 TEST_PACKAGES = make python3 python3-venv python3-pip python3-click python3-pyinotify \
 	python3-sdnotify python3-pytest python3-hypothesis python3-cryptography \
 	busybox-static dash posh mksh yash shellcheck strace inotify-tools \
-	pebble openssl ca-certificates util-linux mount \
+	pebble openssl ca-certificates util-linux mount postfix dovecot-imapd dovecot-pop3d dovecot-managesieved prosody \
 	systemd systemd-container mmdebstrap \
 	build-essential debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
 	lintian man-db
