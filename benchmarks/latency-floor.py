@@ -25,7 +25,7 @@ def main(queue, unit):
     manager = pyinotify.WatchManager()
     manager.add_watch(queue, pyinotify.IN_MOVED_TO | pyinotify.IN_CLOSE_WRITE)
     notifier = pyinotify.Notifier(manager, default_proc_fun=arrived)
-    print(f"watching {queue}", file=sys.stderr, flush=True)  # run.py waits for this line
+    print(f"watching {queue}", file=sys.stderr, flush=True)  # bench_latency.py waits for this line
     notifier.loop()
 
 
