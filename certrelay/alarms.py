@@ -5,6 +5,9 @@ expiry    a live certificate a rule selects is below `expiry-warning`: renewal i
 undated   the dates of a live certificate a rule selects cannot be read (it is
           unreadable or unparsable), so no expiry alarm can fire for it.
 library   python3-cryptography is missing: no certificate's dates can be read.
+overdue   a live certificate a rule selects was not renewed `overdue-grace` after the
+          time certbot's own policy renews it (renewal.py): renewal is failing.
+policy    its renewal/NAME.conf cannot be read, so overdue cannot be told.
 
 Each is logged as an error at most once a day (the time it was last raised is kept in
 STATE_DIR/status.json, "alarms"), so that `run` exits 1 and cron mails once a day.
@@ -19,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 ALARM_EVERY = 86400  # seconds: an alarm is raised at most once a day
 LIBRARY = "*cryptography"  # the "alarms" key of the library alarm: no lineage name has a "*"
+OVERDUE, POLICY = "overdue ", "policy "  # key prefixes of those alarms: no lineage name has a space
 
 
 def due(recorder, key, now):
@@ -93,6 +97,45 @@ def undated_alarms(scanned, rules, recorder):
             alarmed.append(key)
             logger.error("%s", message)
     return alarmed, count
+
+
+def overdue_alarms(scanned, rules, recorder, config_dir):
+    """Log an error, at most once a day per lineage, for each lineage of `scanned`
+    selected by `rules` that is overdue (not renewed `overdue-grace` after certbot's
+    policy renews it), and for each whose policy cannot be read.
+
+    Return (the keys alarmed now, the names overdue, the first time after now at
+    which another selected lineage becomes overdue, or None).
+    """
+    from certrelay import renewal
+
+    now, grace, alarmed, overdue, upcoming = time.time(), rules.settings["overdue-grace"], [], [], []
+    for lineage in scanned:
+        if lineage.facts is None or not rules.matching(lineage.name, lineage.domains):
+            continue
+        try:
+            renew_at, policy = renewal.renew_at(config_dir, lineage)
+        except renewal.PolicyError as error:
+            if due(recorder, POLICY + lineage.name, now):
+                alarmed.append(POLICY + lineage.name)
+                logger.error("%s: cannot tell whether its renewal is overdue: %s", lineage.name, error)
+            continue
+        if renew_at is None:
+            continue
+        if renew_at + grace > now:
+            upcoming.append(renew_at + grace)
+            continue
+        overdue.append(lineage.name)
+        if due(recorder, OVERDUE + lineage.name, now):
+            alarmed.append(OVERDUE + lineage.name)
+            logger.error(
+                "%s: renewal OVERDUE: certbot should have renewed it from %s (%s) and has not for %s; look at"
+                " the output of the certbot container (docker logs, or the mail of the README's cron line) for"
+                " the DNS or account error, then run certbot renew", lineage.name,
+                time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(renew_at)), policy.describe(),
+                durations.format_duration(now - renew_at),
+            )
+    return alarmed, overdue, min(upcoming, default=None)
 
 
 def warning_due(scanned, rules, before):

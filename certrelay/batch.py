@@ -45,6 +45,7 @@ class Outcome:
     alarmed: int = 0  # alarms raised now (alarms.py: once a day each)
     below_warning: int = 0  # all certificates below expiry-warning
     undated: int = 0  # certificates whose dates cannot be read
+    overdue: int = 0  # certificates not renewed in time by certbot's own policy
     dry_run: bool = False
     deferred_until: float = None
 
@@ -57,11 +58,13 @@ class Outcome:
     def settled(self):
         """True if the batch left nothing to do: every notification done or dropped,
         nothing kept, deferred or close to expiry."""
-        return self.ok and not (self.deferred or self.deferred_until or self.below_warning or self.undated)
+        return self.ok and not (self.deferred or self.deferred_until or self.below_warning or self.undated
+                                or self.overdue)
 
     def summary(self):
         """Return one line a person can read, e.g. for the daemon's STATUS=."""
-        if not (self.notifications or self.unannounced or self.quarantined or self.below_warning or self.undated):
+        if not (self.notifications or self.unannounced or self.quarantined or self.below_warning or self.undated
+                or self.overdue):
             return "nothing pending"
         parts = [f"{self.notifications} notification(s)"]
         if self.unannounced:
@@ -77,6 +80,7 @@ class Outcome:
             (self.unreadable, "without a readable certificate"), (self.quarantined, "quarantined"),
             (self.below_warning, "certificate(s) close to expiry"),
             (self.undated, "certificate(s) whose dates cannot be read"),
+            (self.overdue, "renewal(s) overdue"),
         ):
             if count:
                 parts.append(f"{count} {words}")
@@ -119,6 +123,7 @@ class Batch:
         self.scanner = scanner or lineages.Scanner(self.config_dir, state_dir)
         self.scanned, self.facts = [], {}  # every lineage under live/, read once per batch
         self.fingerprints = {}  # entry -> fingerprint of the live certificate
+        self.overdue_from = None  # when the next selected lineage becomes overdue (alarms.overdue_alarms)
         self.said = {"drop": "dropped", "skip": "skipped", "defer": "deferred"}
         if dry_run:
             self.said = {word: "would " + word for word in self.said}
@@ -182,7 +187,10 @@ class Batch:
             return outcome
         expiring, below = alarms.expiry_alarms(self.scanned, self.rules, self.recorder)
         undated_now, undated = alarms.undated_alarms(self.scanned, self.rules, self.recorder)
-        outcome.alarmed, outcome.below_warning, outcome.undated = len(expiring + undated_now), len(below), undated
+        overdue_now, overdue, self.overdue_from = alarms.overdue_alarms(self.scanned, self.rules, self.recorder,
+                                                                         self.config_dir)
+        outcome.alarmed = len(expiring + undated_now + overdue_now)
+        outcome.below_warning, outcome.undated, outcome.overdue = len(below), undated, len(overdue)
         self.stores.save()
         self.scanner.save()
         self.recorder.finished(now, self.progress.data)
@@ -202,7 +210,8 @@ class Batch:
             if (outcome.settled and not self.progress.data and not rules.settings["metrics"]
                     and not any(rule.install for rule in rules.rules)):
                 # At least one full batch a day, which also checks the rules' surroundings again.
-                until = alarms.warning_due(self.scanned, rules, now + idle.AT_LEAST_DAILY)
+                until = alarms.warning_due(self.scanned, rules, min(now + idle.AT_LEAST_DAILY,
+                                                                    self.overdue_from or float("inf")))
                 idle.remember(self.state_dir, self.config_dir, rules, self.scanner.live, until)
             else:
                 idle.forget(self.state_dir)

@@ -4,6 +4,8 @@ format, for node_exporter's textfile collector (Debian: /var/lib/prometheus/node
 Metrics (gauges unless noted); a family with no sample is left out:
 
 - certrelay_certificate_not_after_timestamp_seconds{name}
+- certrelay_certificate_renew_timestamp_seconds{name}, certrelay_certificate_overdue{name}:
+  when certbot's policy renews it, and whether that is overdue-grace past
 - certrelay_certificate_not_before_timestamp_seconds{name}
 - certrelay_certificate_info{name,sha256,serial} 1
 - certrelay_certificate_expiry_level{name}: 0 ok, 1 warning, 2 critical
@@ -59,6 +61,17 @@ def certificate_families(certificates):
             "certrelay_certificate_not_after_timestamp_seconds", "gauge",
             "When the lineage's live certificate expires, in seconds since the epoch.",
             [({"name": cert["name"]}, cert.get("not_after")) for cert in certificates],
+        ),
+        (
+            "certrelay_certificate_renew_timestamp_seconds", "gauge",
+            "When certbot's own policy renews the lineage's live certificate (renewal/NAME.conf).",
+            [({"name": cert["name"]}, cert.get("renew_at")) for cert in certificates],
+        ),
+        (
+            "certrelay_certificate_overdue", "gauge",
+            "1 if the lineage was not renewed overdue-grace after certbot's policy renews it, else 0.",
+            [({"name": cert["name"]}, None if cert.get("overdue") is None else int(cert["overdue"]))
+             for cert in certificates],
         ),
         (
             "certrelay_certificate_not_before_timestamp_seconds", "gauge",

@@ -40,7 +40,7 @@ import json
 NAGIOS_CODES = {"OK": 0, "WARNING": 1, "CRITICAL": 2, "UNKNOWN": 3}
 SEVERITIES = ("unknown", "critical", "warning")  # of problems(), worst first
 EXPIRY_ADVICE = (
-    "certbot renews long before this (30 days before expiry for 90-day certificates),"
+    "certbot renews long before this (a third of the lifetime before expiry, by its default),"
     " so renewal is probably failing: check certbot's output and letsencrypt.log"
 )
 ENDPOINT_ADVICE = {
@@ -81,9 +81,18 @@ def certificate_problems(cert):
     for endpoint in cert.get("endpoints") or []:
         if endpoint.get("outcome") != "current":
             found.append(("critical", f"{name}: {endpoint['endpoint']} {endpoint_summary(endpoint)}"))
+    if cert.get("overdue"):
+        found.append(("warning", f"{name}: {overdue_summary(cert)}"))
+    if cert.get("renewal_error"):
+        found.append(("warning", f"{name}: cannot tell whether its renewal is overdue: {one_line(cert['renewal_error'])}"))
     if cert.get("level") in ("warning", "critical"):
         found.append((cert["level"], f"{name}: {expiry_summary(cert)}"))
     return found
+
+
+def overdue_summary(cert):
+    """Return "renewal OVERDUE: certbot should have renewed it from 2026-... (UTC)"."""
+    return f"renewal OVERDUE: certbot should have renewed it from {human_time(cert.get('renew_at'))} (UTC)"
 
 
 def needs_attention(snapshot):
@@ -194,6 +203,10 @@ def certificate_details(cert):
         if outcome in ENDPOINT_ADVICE:
             line += f": {ENDPOINT_ADVICE[outcome]}"
         lines.append(line)
+    if cert.get("overdue"):
+        lines.append(f"{overdue_summary(cert)}; {EXPIRY_ADVICE}")
+    if cert.get("renewal_error"):
+        lines.append(f"cannot tell whether its renewal is overdue: {one_line(cert['renewal_error'])}")
     if cert.get("level") in ("warning", "critical"):
         lines.append(f"{cert['level']}: {expiry_summary(cert)}; {EXPIRY_ADVICE}")
     for install in cert.get("installs") or []:
@@ -257,6 +270,9 @@ def certificate_json(cert):
         "fraction_left": rounded(cert.get("fraction_left"), 4),
         "not_before": rfc3339(cert.get("not_before")),
         "not_after": rfc3339(cert.get("not_after")),
+        "renew_at": rfc3339(cert.get("renew_at")),
+        "overdue": cert.get("overdue"),
+        "renewal_error": cert.get("renewal_error"),
         "warning_days": cert.get("warning_days"),
         "critical_days": cert.get("critical_days"),
         "domains": list(cert.get("domains") or []),
@@ -355,7 +371,8 @@ def certificate_line(cert):
         return f"{printable(cert['name'])}: {cert.get('state') or 'unknown'}"
     return (
         f"{printable(cert['name'])}: {cert.get('state') or 'unknown'}, {cert['level']},"
-        f" {cert['days_left']:.1f} days left, not after {rfc3339(cert.get('not_after'))}, serial {cert.get('serial')}"
+        f" {cert['days_left']:.1f} days left, not after {rfc3339(cert.get('not_after'))}, serial {cert.get('serial')},"
+        f" renewal due {rfc3339(cert.get('renew_at')) or 'never'}{' (OVERDUE)' if cert.get('overdue') else ''}"
     )
 
 

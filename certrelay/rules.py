@@ -28,6 +28,7 @@ SETTINGS = {
     "min-interval": (60.0, 0.0, 86400.0),  # per unit: least time between actions
     "verify-timeout": (30.0, 1.0, 3600.0),  # keep probing endpoints this long after acting
     "reconcile-interval": (900.0, 10.0, 7 * 86400.0),  # watch: look for unannounced renewals
+    "overdue-grace": (86400.0, 0.0, 30 * 86400.0),  # not renewed this long after certbot's policy: overdue
 }
 #: `[settings]` expiry thresholds: a fraction of the lifetime, or a duration text.
 THRESHOLDS = {"expiry-warning": 0.2, "expiry-critical": 0.1}

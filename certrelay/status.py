@@ -11,7 +11,7 @@ import logging
 import os
 import time
 
-from certrelay import durations, idle, lineages, spool as spool_module, state
+from certrelay import durations, idle, lineages, renewal, spool as spool_module, state
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def snapshot(config_dir, rules, state_dir, error=None, scanned=None):
         else:
             state_word = "unknown"
         taken["certificates"].append(certificate_entry(
-            lineage, state_word, rules.settings, now, data, failures, attempts,
+            lineage, state_word, rules.settings, now, data, failures, attempts, config_dir,
         ))
     for entry in claimed:
         key = "kept" if kept.get(entry) else "deferred"
@@ -153,13 +153,15 @@ def snapshot(config_dir, rules, state_dir, error=None, scanned=None):
     return taken
 
 
-def certificate_entry(lineage, state_word, settings, now, data, failures, attempts):
-    """Return the snapshot's dict for one lineage."""
+def certificate_entry(lineage, state_word, settings, now, data, failures, attempts, config_dir):
+    """Return the snapshot's dict for one lineage; its renewal policy is read from
+    `config_dir` (renewal.py)."""
     info = lineage.info
     entry = {
         "name": lineage.name, "domains": list(lineage.domains), "sha256": None, "serial": None,
         "not_before": None, "not_after": None, "days_left": None, "fraction_left": None, "level": None,
         "warning_days": None, "critical_days": None, "state": state_word, "error": lineage.error,
+        "renew_at": None, "overdue": None, "renewal_error": None,
         "acted": (data.get("acted") or {}).get(lineage.name),
         "kept": [{**failure, "attempts": attempts} for failure in failures],
         "endpoints": list(((data.get("endpoints") or {}).get(lineage.name) or {}).values()),
@@ -174,6 +176,11 @@ def certificate_entry(lineage, state_word, settings, now, data, failures, attemp
             level=durations.level(info, now, warning, critical),
             warning_days=warning.seconds(info.lifetime) / 86400, critical_days=critical.seconds(info.lifetime) / 86400,
         )
+        try:
+            renew_at, _ = renewal.renew_at(config_dir, lineage)
+            entry.update(renew_at=renew_at, overdue=renew_at is not None and now > renew_at + settings["overdue-grace"])
+        except renewal.PolicyError as error:
+            entry["renewal_error"] = str(error)
     return entry
 
 

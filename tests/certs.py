@@ -45,7 +45,21 @@ def renew(config_dir, name, domains=None, days=90, age_days=0):
         if os.path.lexists(link):
             os.unlink(link)
         os.symlink(f"../../archive/{name}/{part}{version}.pem", link)
+    write_renewal_conf(config_dir, name)
     return certificate
+
+
+def write_renewal_conf(config_dir, name, version="5.8.0", extra=""):
+    """Write renewal/NAME.conf as certbot `version` does (the lines certrelay reads,
+    and a few it must pass over), with `extra` lines at the top level."""
+    if len(name) > 250:
+        return  # NAME.conf would be too long a file name: certbot cannot keep such a lineage either
+    os.makedirs(os.path.join(config_dir, "renewal"), exist_ok=True)
+    with open(os.path.join(config_dir, "renewal", f"{name}.conf"), "w", encoding="utf-8") as file:
+        file.write(f"# renew_before_expiry = 30 days\nversion = {version}\n{extra}"
+                   f"archive_dir = {config_dir}/archive/{name}\ncert = {config_dir}/live/{name}/cert.pem\n\n"
+                   "# Options used in the renewal process\n[renewalparams]\nauthenticator = dns-cloudflare\n"
+                   "server = https://acme-v02.api.letsencrypt.org/directory\nkey_type = ecdsa\n")
 
 
 # --- chains: a root, intermediates, and leaves they issue ----------------------------

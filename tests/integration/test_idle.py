@@ -151,6 +151,20 @@ def test_memo_holds_until_the_first_expiry_threshold(relay):
     """72 of 90 days gone, less an hour: the warning (a fifth left) falls due in an hour."""
     settle(relay)
     certs.renew(relay.config_dir, "grunzwanzling.ch", age_days=72 - 1 / 24)
+    # certbot renews it at 10 days left: not overdue before the warning
+    certs.write_renewal_conf(relay.config_dir, "grunzwanzling.ch", extra="renew_before_expiry = 10 days\n")
+    assert relay.run().returncode == 0
+    with open(os.path.join(relay.state_dir, idle.MEMO), "rb") as file:
+        until = marshal.load(file)["until"]
+
+    assert abs(until - (time.time() + 3600)) < 120
+
+
+def test_memo_holds_until_a_renewal_becomes_overdue(relay):
+    """certbot 5 renews a 90-day certificate at 60 days; 60 days and a day (the grace)
+    less an hour gone: overdue in an hour, long before the expiry warning."""
+    settle(relay)
+    certs.renew(relay.config_dir, "grunzwanzling.ch", age_days=61 - 1 / 24)
     assert relay.run().returncode == 0
     with open(os.path.join(relay.state_dir, idle.MEMO), "rb") as file:
         until = marshal.load(file)["until"]
