@@ -386,7 +386,7 @@ def verify(config_dir, rules_path, state_dir, as_json, nagios, names):
         for certificate in taken["certificates"]:
             certificate["endpoints"] = [
                 {"endpoint": url, "outcome": verdict.outcome, "served_sha256": verdict.served.sha256,
-                 "served_serial": None, "served_not_after": None, "error": verdict.served.error,
+                 "served_serial": None, "served_not_after": None, "error": verdict.error,
                  "checked": taken["time"]}
                 for (name, url), verdict in current.items() if name == certificate["name"]
             ]
@@ -399,7 +399,7 @@ def verify(config_dir, rules_path, state_dir, as_json, nagios, names):
         click.echo(json.dumps([
             {"name": verdict.check.name, "endpoint": verdict.check.endpoint.url, "sni": verdict.check.server_name,
              "outcome": verdict.outcome, "expected_sha256": verdict.expected, "served_sha256": verdict.served.sha256,
-             "error": verdict.served.error} for verdict in verdicts
+             "error": verdict.error} for verdict in verdicts
         ], indent=1))
     if not checks:
         logger.info("no endpoint to verify: add verify = [...] to the rules")

@@ -67,7 +67,7 @@ class Recorder:
         self.data["endpoints"].setdefault(verdict.check.name, {})[verdict.check.key] = {
             "endpoint": verdict.check.endpoint.url, "outcome": verdict.outcome,
             "served_sha256": verdict.served.sha256, "served_serial": served_serial,
-            "served_not_after": served_not_after, "error": verdict.served.error, "checked": now,
+            "served_not_after": served_not_after, "error": verdict.error, "checked": now,
         }
 
     def acted(self, name, now, sha256):

@@ -80,6 +80,12 @@ class Verdict:
     def ok(self):
         return self.outcome == "current"
 
+    @property
+    def error(self):
+        """Why the endpoint is not current, for status and JSON: the probe's error, else
+        (old, other, chain) the log line; None if it is current."""
+        return None if self.ok else self.served.error or self.describe()
+
     def describe(self):
         """Return one log line naming the endpoint, the certificate and what was served."""
         check = self.check

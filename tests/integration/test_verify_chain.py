@@ -3,6 +3,7 @@ lineage's live chain.pem (the *chain* outcome, and its escalation), and a hint t
 each way an endpoint can be unreachable. Real TLS servers on 127.0.0.1 (in-process, see
 test_probe) and real `certrelay run` / `certrelay verify` processes."""
 
+import json
 import os
 import socket
 import ssl
@@ -200,6 +201,7 @@ def test_a_stale_chain_without_escalation_is_an_error_that_keeps_the_notificatio
 
     assert checked.returncode == 1
     assert '"outcome": "chain"' in checked.stdout
+    assert "with a stale chain" in json.loads(checked.stdout)[0]["error"]  # the detail, not null
     assert relay.calls() == [f"reload {UNIT}"]
 
 
