@@ -95,6 +95,8 @@ install: all
 	ln -sf $(PKGLIBDIR)/certrelay/certrelay-hook $(DESTDIR)$(SHAREDIR)/certrelay-hook
 	install -D -m 0644 etc/rules.toml $(DESTDIR)$(SHAREDIR)/rules.toml.example
 	install -D -m 0644 README.md $(DESTDIR)$(DOCDIR)/README.md
+	install -d $(DESTDIR)$(DOCDIR)/docs
+	install -m 0644 docs/*.md $(DESTDIR)$(DOCDIR)/docs/
 	install -D -m 0644 build/man/certrelay.8 $(DESTDIR)$(MANDIR)/man8/certrelay.8
 	install -D -m 0644 man/certrelay-rules.5 $(DESTDIR)$(MANDIR)/man5/certrelay-rules.5
 	install -D -m 0644 build/completion/certrelay $(DESTDIR)$(BASHCOMPDIR)/certrelay
