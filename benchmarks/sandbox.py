@@ -104,16 +104,20 @@ class Sandbox:
 
     def renew(self, name, version=None, pem=None):
         """Do to the files what a certbot renewal does: archive/NAME/certN.pem, new
-        content (`pem`, else a placeholder that only its fingerprint tells apart), and
-        live/NAME/cert.pem a relative link to it."""
+        content (`pem`, else a new real certificate for NAME), live/NAME/cert.pem a
+        relative link to it, and renewal/NAME.conf (as certbot 5 writes it, once)."""
         archive = self.config_dir / "archive" / name
         live = self.config_dir / "live" / name
         archive.mkdir(parents=True, exist_ok=True)
         live.mkdir(parents=True, exist_ok=True)
         version = version or len(os.listdir(archive)) + 1
-        if pem is None:
-            pem = f"-----BEGIN CERTIFICATE-----\n{name} {version} {time.time_ns()}\n-----END CERTIFICATE-----\n".encode()
+        if pem is None:  # a distinct certificate each time: certrelay acts on a changed one only
+            pem = certificates(self.root / "certificates").pem(f"{name} {version} {time.time_ns()}", [name])
         (archive / f"cert{version}.pem").write_bytes(pem)
+        conf = self.config_dir / "renewal" / f"{name}.conf"
+        if not conf.exists():
+            conf.parent.mkdir(exist_ok=True)
+            conf.write_text(f"version = 5.8.0\narchive_dir = {archive}\n\n[renewalparams]\nkey_type = ecdsa\n")
         link = live / "cert.pem"
         if os.path.lexists(link):
             link.unlink()

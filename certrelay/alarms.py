@@ -16,7 +16,7 @@ STATE_DIR/status.json, "alarms"), so that `run` exits 1 and cron mails once a da
 import logging
 import time
 
-from certrelay import durations
+from certrelay import certificate, durations, renewal
 
 logger = logging.getLogger(__name__)
 
@@ -107,15 +107,12 @@ def overdue_alarms(scanned, rules, recorder, config_dir):
     Return (the keys alarmed now, the names overdue, the first time after now at
     which another selected lineage becomes overdue, or None).
     """
-    from certrelay import renewal
-
     now, grace, alarmed, overdue, upcoming = time.time(), rules.settings["overdue-grace"], [], [], []
-    for lineage in scanned:
-        if lineage.facts is None or not rules.matching(lineage.name, lineage.domains):
-            continue
-        try:
-            renew_at, policy = renewal.renew_at(config_dir, lineage)
-        except renewal.PolicyError as error:
+    with certificate.Tree(config_dir) as tree:  # config dir and renewal/ opened once, not per lineage
+        found = [(lineage, *policy_of(config_dir, lineage, tree)) for lineage in scanned
+                 if lineage.facts is not None and rules.matching(lineage.name, lineage.domains)]
+    for lineage, renew_at, policy, error in found:
+        if error is not None:
             if due(recorder, POLICY + lineage.name, now):
                 alarmed.append(POLICY + lineage.name)
                 logger.error("%s: cannot tell whether its renewal is overdue: %s", lineage.name, error)
@@ -136,6 +133,14 @@ def overdue_alarms(scanned, rules, recorder, config_dir):
                 durations.format_duration(now - renew_at),
             )
     return alarmed, overdue, min(upcoming, default=None)
+
+
+def policy_of(config_dir, lineage, tree):
+    """Return (renew_at, Policy, None) for `lineage`, or (None, None, the PolicyError)."""
+    try:
+        return (*renewal.renew_at(config_dir, lineage, tree), None)
+    except renewal.PolicyError as error:
+        return None, None, error
 
 
 def warning_due(scanned, rules, before):

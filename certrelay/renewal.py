@@ -151,19 +151,20 @@ def parse(data, path):
     return Policy(**policy)
 
 
-def read(config_dir, name):
-    """Return the Policy of lineage `name` from CONFIG_DIR/renewal/NAME.conf; raise
-    PolicyError (missing, unsafe, too large, or not understood)."""
+def read(config_dir, name, tree=None):
+    """Return the Policy of lineage `name` from CONFIG_DIR/renewal/NAME.conf, read
+    through `tree` (a certificate.Tree of `config_dir` kept open for many) if given;
+    raise PolicyError (missing, unsafe, too large, or not understood)."""
     relative = f"renewal/{name}.conf"
     try:
-        data = certificate.read_beneath(config_dir, relative, MAX_CONF)
+        data = tree.read(relative, MAX_CONF) if tree else certificate.read_beneath(config_dir, relative, MAX_CONF)
     except certificate.CertificateError as error:
         raise PolicyError(f"{config_dir}/{relative}: {error}") from None
     return parse(data, f"{config_dir}/{relative}")
 
 
-def renew_at(config_dir, lineage):
+def renew_at(config_dir, lineage, tree=None):
     """Return (when certbot should renew `lineage` (a lineages.Lineage with dates), in
-    epoch seconds, or None if never; its Policy). Raise PolicyError."""
-    policy = read(config_dir, lineage.name)
+    epoch seconds, or None if never; its Policy). Raise PolicyError. `tree`: as `read`."""
+    policy = read(config_dir, lineage.name, tree)
     return policy.renew_at(lineage.not_before, lineage.not_after), policy
