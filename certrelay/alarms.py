@@ -8,21 +8,29 @@ library   python3-cryptography is missing: no certificate's dates can be read.
 overdue   a live certificate a rule selects was not renewed `overdue-grace` after the
           time certbot's own policy renews it (renewal.py): renewal is failing.
 policy    its renewal/NAME.conf cannot be read, so overdue cannot be told.
+failed    certbot's last attempt (attempts.py, from its post hook) failed to renew a
+          selected lineage: said at once, then once a day, until the lineage renews.
+stopped   a selected lineage has been due longer than `stopped-after` and certbot
+          recorded no attempt since: certbot is not running (its timer, its cron line).
 
 Each is logged as an error at most once a day (the time it was last raised is kept in
 STATE_DIR/status.json, "alarms"), so that `run` exits 1 and cron mails once a day.
 """
 
 import logging
+import os
 import time
 
-from certrelay import certificate, durations, renewal
+from certrelay import attempts, certificate, durations, renewal
 
 logger = logging.getLogger(__name__)
 
 ALARM_EVERY = 86400  # seconds: an alarm is raised at most once a day
 LIBRARY = "*cryptography"  # the "alarms" key of the library alarm: no lineage name has a "*"
-OVERDUE, POLICY = "overdue ", "policy "  # key prefixes of those alarms: no lineage name has a space
+OVERDUE, POLICY, FAILED = "overdue ", "policy ", "failed "  # key prefixes: no lineage name has a space
+STOPPED, ATTEMPT = "*stopped", "*attempt"
+RENEWED_SINCE = 2 * 3600  # a certificate issued this long before an attempt counts as from it (CAs backdate)
+POST_HOOK = "renewal-hooks/post/certrelay-post-hook"
 
 
 def due(recorder, key, now):
@@ -105,12 +113,14 @@ def overdue_alarms(scanned, rules, recorder, config_dir):
     policy renews it), and for each whose policy cannot be read.
 
     Return (the keys alarmed now, the names overdue, the first time after now at
-    which another selected lineage becomes overdue, or None).
+    which another selected lineage becomes overdue, or None, and {name: when certbot's
+    policy renews it} for the selected lineages whose policy was read).
     """
     now, grace, alarmed, overdue, upcoming = time.time(), rules.settings["overdue-grace"], [], [], []
     with certificate.Tree(config_dir) as tree:  # config dir and renewal/ opened once, not per lineage
         found = [(lineage, *policy_of(config_dir, lineage, tree)) for lineage in scanned
                  if lineage.facts is not None and rules.matching(lineage.name, lineage.domains)]
+    due_at = {lineage.name: renew_at for lineage, renew_at, _, error in found if error is None and renew_at}
     for lineage, renew_at, policy, error in found:
         if error is not None:
             if due(recorder, POLICY + lineage.name, now):
@@ -132,7 +142,57 @@ def overdue_alarms(scanned, rules, recorder, config_dir):
                 time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(renew_at)), policy.describe(),
                 durations.format_duration(now - renew_at),
             )
-    return alarmed, overdue, min(upcoming, default=None)
+    return alarmed, overdue, min(upcoming, default=None), due_at
+
+
+def attempt_alarms(scanned, rules, recorder, config_dir, due_at):
+    """Log an error for each selected lineage of `scanned` whose renewal failed at
+    certbot's last recorded attempt and that has not renewed since (at once for a new
+    attempt, then once a day), and once a day if certbot stopped trying (`due_at`:
+    {name: when certbot's policy renews it}, from overdue_alarms). Before the first
+    recorded attempt, say nothing.
+
+    Return (the keys alarmed now, the names whose renewal failed).
+    """
+    now, alarmed, failed = time.time(), [], []
+    try:
+        attempt = attempts.read(config_dir)
+    except attempts.AttemptError as error:
+        if due(recorder, ATTEMPT, now):
+            alarmed.append(ATTEMPT)
+            logger.error("cannot tell whether certbot's renewals fail: %s", error)
+        return alarmed, failed
+    if attempt is None:
+        return alarmed, failed
+    said = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(attempt.time))
+    stopped = []
+    for lineage in scanned:
+        if lineage.facts is None or not rules.matching(lineage.name, lineage.domains):
+            continue
+        renewed_since = lineage.not_before > attempt.time - RENEWED_SINCE
+        renew_at = due_at.get(lineage.name)
+        if renew_at is not None and attempt.time < renew_at and now - renew_at > rules.settings["stopped-after"]:
+            stopped.append((renew_at, lineage.name))
+        if renewed_since or not (set(lineage.domains) & set(attempt.failed) if attempt.known
+                                 else renew_at is not None and renew_at <= attempt.time):
+            continue
+        failed.append(lineage.name)
+        said_for = recorder.data["alarms"].get(FAILED + lineage.name + " at", 0)  # the attempt last said
+        if said_for < attempt.time or due(recorder, FAILED + lineage.name, now):
+            recorder.data["alarms"].update({FAILED + lineage.name: now, FAILED + lineage.name + " at": attempt.time})
+            alarmed.append(FAILED + lineage.name)
+            why = ("certbot's post hook named its domains as failed" if attempt.known else
+                   "it was due and did not change; this certbot does not say which renewals failed")
+            logger.error("%s: renewal FAILED in the container at %s (%s); look at the output of the certbot"
+                         " container for the DNS or account error, then run certbot renew", lineage.name, said, why)
+    installed = os.path.exists(os.path.join(config_dir, POST_HOOK))
+    if stopped and installed and due(recorder, STOPPED, now):
+        renew_at, name = min(stopped)
+        alarmed.append(STOPPED)
+        logger.error("certbot has recorded no renewal attempt since %s, though %s has been due since %s: is the"
+                     " container's cron line, or certbot-docker-renew.timer, still running?", said, name,
+                     time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(renew_at)))
+    return alarmed, failed
 
 
 def policy_of(config_dir, lineage, tree):

@@ -46,6 +46,7 @@ class Outcome:
     below_warning: int = 0  # all certificates below expiry-warning
     undated: int = 0  # certificates whose dates cannot be read
     overdue: int = 0  # certificates not renewed in time by certbot's own policy
+    failed_renewals: int = 0  # certificates whose renewal failed at certbot's last attempt
     dry_run: bool = False
     deferred_until: float = None
 
@@ -59,12 +60,12 @@ class Outcome:
         """True if the batch left nothing to do: every notification done or dropped,
         nothing kept, deferred or close to expiry."""
         return self.ok and not (self.deferred or self.deferred_until or self.below_warning or self.undated
-                                or self.overdue)
+                                or self.overdue or self.failed_renewals)
 
     def summary(self):
         """Return one line a person can read, e.g. for the daemon's STATUS=."""
         if not (self.notifications or self.unannounced or self.quarantined or self.below_warning or self.undated
-                or self.overdue):
+                or self.overdue or self.failed_renewals):
             return "nothing pending"
         parts = [f"{self.notifications} notification(s)"]
         if self.unannounced:
@@ -81,6 +82,7 @@ class Outcome:
             (self.below_warning, "certificate(s) close to expiry"),
             (self.undated, "certificate(s) whose dates cannot be read"),
             (self.overdue, "renewal(s) overdue"),
+            (self.failed_renewals, "renewal(s) failed in the container"),
         ):
             if count:
                 parts.append(f"{count} {words}")
@@ -187,10 +189,12 @@ class Batch:
             return outcome
         expiring, below = alarms.expiry_alarms(self.scanned, self.rules, self.recorder)
         undated_now, undated = alarms.undated_alarms(self.scanned, self.rules, self.recorder)
-        overdue_now, overdue, self.overdue_from = alarms.overdue_alarms(self.scanned, self.rules, self.recorder,
-                                                                         self.config_dir)
-        outcome.alarmed = len(expiring + undated_now + overdue_now)
-        outcome.below_warning, outcome.undated, outcome.overdue = len(below), undated, len(overdue)
+        overdue_now, overdue, self.overdue_from, due_at = alarms.overdue_alarms(
+            self.scanned, self.rules, self.recorder, self.config_dir)
+        failed_now, failed = alarms.attempt_alarms(self.scanned, self.rules, self.recorder, self.config_dir, due_at)
+        outcome.alarmed = len(expiring + undated_now + overdue_now + failed_now)
+        outcome.below_warning, outcome.undated = len(below), undated
+        outcome.overdue, outcome.failed_renewals = len(overdue), len(failed)
         self.stores.save()
         self.scanner.save()
         self.recorder.finished(now, self.progress.data)

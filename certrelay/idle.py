@@ -27,6 +27,17 @@ SPOOL_DIRECTORIES = ("quarantine", "queue", "claimed", "tmp")
 EMPTY = ("queue", "claimed", "tmp")
 MEMO_HELP = "see STATE_DIR/idle; --force or --dry-run looks anyway"
 AT_LEAST_DAILY = 86400.0  # seconds: a memo is trusted this long at most
+ATTEMPT = "*attempt"  # the inputs' key of certbot's last attempt record (no lineage name has a "*")
+
+
+def attempt_key(spool):
+    """Return what tells one SPOOL/attempt (the post hook's record) from another, or
+    None if there is none; `spool` is a descriptor of the spool directory."""
+    try:
+        info = os.stat("attempt", dir_fd=spool, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    return [info.st_ino, info.st_size, info.st_mtime_ns]
 
 
 def stat_key(live, name):
@@ -68,16 +79,29 @@ def inputs(config_dir):
                 continue
             if name in EMPTY and os.listdir(directories[-1]):
                 return None
+        attempt = attempt_key(spool)
         try:
             directories.append(open_plain(directories[0], "live"))
         except OSError:
-            return {}
-        return live_keys(directories[-1])
+            return {ATTEMPT: attempt}
+        return {**live_keys(directories[-1]), ATTEMPT: attempt}
     except OSError:
         return None
     finally:
         for descriptor in directories:
             os.close(descriptor)
+
+
+def spool_attempt_key(config_dir):
+    """attempt_key of CONFIG_DIR/certrelay, or None if the spool cannot be opened."""
+    try:
+        spool = os.open(os.path.join(config_dir, "certrelay"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return attempt_key(spool)
+    finally:
+        os.close(spool)
 
 
 def open_plain(parent, name):
@@ -118,7 +142,7 @@ def remember(state_dir, config_dir, rules, live, until):
     live/ before it began) and no expiry threshold falls due before `until`."""
     memo = {
         "version": [__version__, sys.hexversion], "config_dir": config_dir, "rules_path": rules.path,
-        "rules": rules.data, "live": live, "until": until,
+        "rules": rules.data, "live": {**live, ATTEMPT: spool_attempt_key(config_dir)}, "until": until,
     }
     content = marshal.dumps(memo)
     path = os.path.join(state_dir, MEMO)

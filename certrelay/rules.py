@@ -29,6 +29,7 @@ SETTINGS = {
     "verify-timeout": (30.0, 1.0, 3600.0),  # keep probing endpoints this long after acting
     "reconcile-interval": (900.0, 10.0, 7 * 86400.0),  # watch: look for unannounced renewals
     "overdue-grace": (86400.0, 0.0, 30 * 86400.0),  # not renewed this long after certbot's policy: overdue
+    "stopped-after": (2 * 86400.0, 3600.0, 30 * 86400.0),  # due this long, no attempt since: certbot stopped
 }
 #: `[settings]` expiry thresholds: a fraction of the lifetime, or a duration text.
 THRESHOLDS = {"expiry-warning": 0.2, "expiry-critical": 0.1}
