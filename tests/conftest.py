@@ -7,12 +7,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
 from certrelay import install
-from tests import certs
+from tests import certs, wait
 from tests.writeup import WRITE_UP_RULES
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,11 +110,9 @@ class Relay:
         except FileNotFoundError:
             return []
 
-    def wait_for_calls(self, count, timeout=30):
-        deadline = time.monotonic() + timeout
-        while len(self.calls()) < count:
-            assert time.monotonic() < deadline, f"only these systemctl calls came: {self.calls()}"
-            time.sleep(0.02)
+    def wait_for_calls(self, count, timeout=wait.GENEROUS):
+        wait.until(lambda: len(self.calls()) >= count, timeout, what=f"{count} systemctl call(s)",
+                   explain=lambda: f"only these came: {self.calls()}")
 
     def entries(self, directory):
         """Return the sorted names in spool subdirectory `directory` (bytes names decoded)."""

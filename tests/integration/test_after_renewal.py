@@ -14,11 +14,10 @@ import signal
 import socket
 import ssl
 import subprocess
-import time
 
 import pytest
 
-from tests import certs
+from tests import certs, wait
 from tests.integration.test_probe import Server
 
 UNIT = "tlsd.service"
@@ -233,21 +232,6 @@ def test_a_reload_is_escalated_to_one_restart_when_the_endpoint_serves_an_old_ce
 # --- a command past its timeout is killed with its children -------------------------------
 
 
-def alive(pid):
-    """Whether process `pid` exists and is not a zombie waiting for its parent."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as file:
-            return file.read().rpartition(")")[2].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-
-
-def wait_until_gone(pid, deadline):
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not alive(pid)
-
-
 @pytest.fixture
 def pid_files(tmp_path):
     """pid_files(name) is the path of a file a test's command writes a PID to; every
@@ -269,7 +253,7 @@ def pid_files(tmp_path):
                 ours = file.read().startswith((b"sleep\x00", b"/bin/sh\x00"))
         except FileNotFoundError:
             continue
-        if ours and alive(pid):
+        if ours and wait.alive(pid):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -297,7 +281,6 @@ def test_a_command_past_its_timeout_is_killed_with_its_children_and_run_does_not
     assert f"failed: run {script} (example.test): timed out after 2 s and was killed" in output, output
     assert process.returncode == 1
     assert kept(relay) == 1
-    deadline = time.monotonic() + GONE_WITHIN
     for pid_file in (parent_pid, child):
         pid = int(open(pid_file, encoding="ascii").read())
-        assert wait_until_gone(pid, deadline), f"{pid_file}: {pid} still runs after certrelay run returned"
+        wait.gone(pid, GONE_WITHIN, what=f"{pid_file}'s process {pid}, killed before certrelay run returned,")

@@ -20,12 +20,12 @@ import signal
 import socket
 import stat
 import subprocess
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from certrelay import spool
+from tests import wait
 from tests.conftest import Relay
 
 RUN_TIMEOUT = 60  # seconds; a run blocked on a FIFO would hit it
@@ -520,10 +520,8 @@ class FifoWriter:
         self.marker = marker
         self.process = subprocess.Popen(["sh", "-c", 'exec 3>"$1" && : >"$2"', "sh", str(fifo), str(marker)])
         relay.processes.append(self.process)
-        deadline = time.monotonic() + 10
-        while self.wait_channel() not in ("wait_for_partner", "fifo_open"):
-            assert time.monotonic() < deadline, f"the writer never blocked on {fifo}: {self.wait_channel()}"
-            time.sleep(0.01)
+        wait.until(lambda: self.wait_channel() in ("wait_for_partner", "fifo_open"),
+                   what=f"the writer to block opening {fifo}", explain=lambda: f"it waits in {self.wait_channel()}")
 
     def wait_channel(self):
         with open(f"/proc/{self.process.pid}/wchan", encoding="ascii") as file:
@@ -739,17 +737,21 @@ def start_watch(relay, log):
             relay.command("watch"), env=relay.environment(), stdout=output, stderr=subprocess.STDOUT,
         )
     relay.processes.append(process)
-    wait_until(lambda: "watching " in log.read_text(errors="replace"), process, log)
+    wait_until(lambda: "watching " in log.read_text(errors="replace"), "the daemon to watch", process, log)
     return process
 
 
-def wait_until(condition, process, log, timeout=20):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        output = log.read_text(errors="replace")[-3000:]
-        assert process.poll() is None, f"the daemon exited with {process.returncode}: {output}"
-        assert time.monotonic() < deadline, f"timed out; daemon output: {output}"
-        time.sleep(0.05)
+def wait_until(condition, what, process, log):
+    """Wait until `condition()` holds (`what` says what it is); fail at once, with the
+    daemon's output, if the daemon exits."""
+    def output():
+        return log.read_text(errors="replace")[-3000:]
+
+    def holds():
+        assert process.poll() is None, f"the daemon exited with {process.returncode}: {output()}"
+        return condition()
+
+    wait.until(holds, what=what, explain=lambda: f"daemon output: {output()}")
 
 
 def plant_every_hostile_kind(relay, staging, outside):
@@ -800,7 +802,7 @@ def test_watch_survives_hostile_entries_and_still_processes_a_valid_one(relay, t
             and (count is None or len(relay.entries("quarantine")) == count)
         )
 
-    wait_until(settled, process, log)
+    wait_until(settled, "herzbube.ch acted on and the spool settled", process, log)
     assert set(WRITE_UP_ACTIONS) <= set(relay.calls())
     assert process.poll() is None
     output = log.read_text(errors="replace")
