@@ -1,13 +1,17 @@
 """`certrelay run` as a real process against a recording systemctl on PATH."""
 
+import json
 import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
 
+from tests import wait
 from tests.conftest import HOOK
 from tests.writeup import WRITE_UP_CERTIFICATES
 
@@ -187,6 +191,17 @@ def test_run_command_gets_placeholders_as_single_arguments_without_shell(relay):
     ]
 
 
+def waits_for_flock(pid, path):
+    """Whether process `pid` is blocked in flock(2) on the file `path` (/proc/locks shows
+    a waiter as "->")."""
+    inode = os.stat(path).st_ino
+    with open("/proc/locks", encoding="ascii") as file:
+        for fields in (line.split() for line in file):
+            if fields[1:3] == ["->", "FLOCK"] and fields[5] == str(pid) and fields[6].endswith(f":{inode}"):
+                return True
+    return False
+
+
 def test_second_run_waits_for_the_first_then_processes_what_is_left(relay):
     relay.publish("herzbube.ch")
     relay.behave("block", "dovecot.service")
@@ -194,11 +209,15 @@ def test_second_run_waits_for_the_first_then_processes_what_is_left(relay):
     relay.wait_for_calls(1)
     relay.publish("moser-naef.ch")
     second = relay.start()
-    time.sleep(0.5)
 
-    assert second.poll() is None, "the second run must wait for the lock"
+    def second_waits():
+        assert second.poll() is None, f"the second run must wait for the lock: {second.communicate()[0]}"
+        return waits_for_flock(second.pid, os.path.join(relay.state_dir, "lock"))
+
+    wait.until(second_waits, what="the second run to block on the state lock")
     open(os.path.join(relay.bin, "release"), "w").close()
     assert first.wait(30) == 0 and second.wait(30) == 0
+    assert "another certrelay run holds" in second.communicate()[0]
     assert relay.calls() == [
         "restart dovecot.service", "restart exim4.service", "reload apache2.service", "reload apache2.service",
     ]
@@ -395,20 +414,42 @@ def test_run_refuses_a_live_certificate_it_cannot_read_safely(relay, plant):
     assert relay.entries("claimed") == [] and relay.entries("queue") == []
 
 
+#: `python3 -c FAKE_CLOCK ARGS` is `certrelay ARGS` with a clock that time.sleep() moves
+#: forward at once instead of waiting: a min-interval of an hour costs no time.
+FAKE_CLOCK = """\
+import runpy, sys, time
+real_time, slept = time.time, [0.0]
+time.time = lambda: real_time() + slept[0]
+time.sleep = lambda seconds: slept.__setitem__(0, slept[0] + seconds)
+sys.argv[0] = "certrelay"
+runpy.run_module("certrelay", run_name="__main__", alter_sys=True)
+"""
+
+
 def test_run_with_min_interval_waits_and_coalesces_a_flood_into_one_more_action(relay):
-    relay.write_rules('[settings]\nmin-interval = 1\n\n[[rule]]\nmatch = ["*"]\nreload = ["apache2"]\n')
+    # An hour: the second run comes well within it, however slow the machine.
+    relay.write_rules('[settings]\nmin-interval = 3600\n\n[[rule]]\nmatch = ["*"]\nreload = ["apache2"]\n')
+    units = os.path.join(relay.state_dir, "units.json")
     relay.publish("a.ch")
     assert relay.run().returncode == 0
+    with open(units, encoding="utf-8") as file:
+        first = json.load(file)["apache2.service"]
     for name in ("b.ch", "c.ch", "d.ch"):
         relay.publish(name)
 
-    result = relay.run()
+    result = subprocess.run([sys.executable, "-c", FAKE_CLOCK, *relay.command()[3:]], env=relay.environment(),
+                            capture_output=True, text=True, timeout=120)
 
     assert result.returncode == 0, result.stderr
-    assert "deferred reload apache2.service (b.ch, c.ch, d.ch)" in result.stderr
-    assert "reload apache2.service (b.ch, c.ch, d.ch)" in result.stderr.split("waiting")[1]
+    before, waiting, after = result.stderr.partition("waiting ")
+    assert "deferred reload apache2.service (b.ch, c.ch, d.ch)" in before
+    assert "done: reload" not in before
+    assert 0 < int(after.split()[0]) <= 3600, waiting + after  # what is left of the interval
+    assert "reload apache2.service (b.ch, c.ch, d.ch)" in after
     assert relay.calls() == ["reload apache2.service"] * 2
     assert relay.entries("claimed") == [] and relay.entries("queue") == []
+    with open(units, encoding="utf-8") as file:
+        assert json.load(file)["apache2.service"] >= first + 3600  # on the run's clock, not the test's
 
 
 def test_run_removes_day_old_temporary_files_of_killed_hooks_and_nothing_else(relay, tmp_path):
