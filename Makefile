@@ -44,7 +44,7 @@ SUBSTITUTE = sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@PKGLIBDIR@|$(PKGLIBDIR)|g' \
 	-e 's|@DOCDIR@|$(DOCDIR)|g' -e 's|@CONFIG_DIR@|$(CONFIG_DIR)|g' \
 	-e 's|@STATE_DIR@|$(STATE_DIR)|g' -e 's|@RULES@|$(RULES)|g' -e 's|@PYTHON@|$(PYTHON)|g' \
 	-e 's|@DOCKER@|$(DOCKER)|g'
-SHELL_SCRIPTS = certrelay/certrelay-hook tests/fake_systemctl tests/acme_hooks/auth-hook \
+SHELL_SCRIPTS = certrelay/certrelay-hook certrelay/certrelay-post-hook tests/fake_systemctl tests/acme_hooks/auth-hook \
 	tests/acme_hooks/cleanup-hook demo/demo.sh demo/systemctl demo/shell-probe-hook \
 	debian/certrelay.postinst debian/certrelay.postrm debian/tests/smoke tools/need tools/fresh-check
 
