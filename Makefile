@@ -87,12 +87,14 @@ install: all
 	install -d $(DESTDIR)$(PKGLIBDIR)/certrelay
 	install -m 0644 certrelay/*.py $(DESTDIR)$(PKGLIBDIR)/certrelay/
 	install -m 0755 certrelay/certrelay-hook $(DESTDIR)$(PKGLIBDIR)/certrelay/
+	install -m 0755 certrelay/certrelay-post-hook $(DESTDIR)$(PKGLIBDIR)/certrelay/
 	# Byte-compile now: under ProtectSystem=strict the service could not cache it.
 	$(PYTHON) -m compileall -q -d $(PKGLIBDIR)/certrelay $(DESTDIR)$(PKGLIBDIR)/certrelay
 	install -D -m 0755 build/bin/certrelay $(DESTDIR)$(BINDIR)/certrelay
 	# The hook lives in the package (hook.py finds it there); SHAREDIR keeps a link to it.
 	install -d $(DESTDIR)$(SHAREDIR)
 	ln -sf $(PKGLIBDIR)/certrelay/certrelay-hook $(DESTDIR)$(SHAREDIR)/certrelay-hook
+	ln -sf $(PKGLIBDIR)/certrelay/certrelay-post-hook $(DESTDIR)$(SHAREDIR)/certrelay-post-hook
 	install -D -m 0644 etc/rules.toml $(DESTDIR)$(SHAREDIR)/rules.toml.example
 	install -D -m 0644 README.md $(DESTDIR)$(DOCDIR)/README.md
 	install -d $(DESTDIR)$(DOCDIR)/docs
