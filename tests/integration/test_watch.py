@@ -1,5 +1,6 @@
 """`certrelay watch` as a real process, speaking sd_notify to a socket the test holds."""
 
+import ctypes
 import os
 import shutil
 import signal
@@ -183,6 +184,15 @@ def test_watch_watches_a_removed_and_recreated_queue_again(relay, notify):
     assert len(relay.calls()) == 3
 
 
+def exchange(first, second):
+    """Swap the two paths atomically: renameat2(2) with RENAME_EXCHANGE."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, rename_exchange = -100, 2
+    if libc.renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error), str(first), None, str(second))
+
+
 def test_watch_quarantines_a_queue_replaced_by_a_symlink_and_goes_on(relay, notify, tmp_path):
     relay.write_rules(FAST + WRITE_UP_RULES)
     process = start_watch(relay, notify)
@@ -192,8 +202,10 @@ def test_watch_quarantines_a_queue_replaced_by_a_symlink_and_goes_on(relay, noti
     (host / "shadow").write_text("secret\n")
     queue = os.path.join(relay.spool, "queue")
 
-    os.rename(queue, tmp_path / "moved-aside")
-    os.symlink(host, queue)
+    # One atomic swap: with a rename, then a symlink, the daemon may make a new queue in
+    # between, and the symlink fails (EEXIST).
+    os.symlink(host, tmp_path / "link")
+    exchange(tmp_path / "link", queue)
     wait.until(lambda: not os.path.islink(queue), what="the daemon to move the symlinked queue aside")
     relay.publish("herzbube.ch")
     notify.wait_for(lambda m: "1 notification(s)" in m)
