@@ -1,7 +1,8 @@
 """Several `certrelay run` at once, the watch daemon, and the real hook firing in a loop.
 
-For a bounded time, publishers renew certificates and run the hook, three loops run
-`certrelay run`, and one `certrelay watch` reacts to the same queue. Then one final run.
+Until each has done its share of the work (an amount, not a time: the same on any
+machine), publishers renew certificates and run the hook, three loops run `certrelay
+run`, and one `certrelay watch` reacts to the same queue. Then one final run.
 Nothing may be lost (the last certificate of every lineage was acted on), nothing acted
 on more often than it was published, and no two processes act at the same time.
 """
@@ -14,14 +15,16 @@ import re
 import signal
 import subprocess
 import threading
-import time
 
 from certrelay import certificate
+from tests import wait
 
-DURATION = 6.0  # seconds the publishers and the run loops keep going
 LINEAGES = [f"site{index}.example" for index in range(10)]
 PUBLISHERS = 2
+ROUNDS = 20  # times each publisher publishes each of its lineages, at least
 RUN_LOOPS = 3
+RUNS = 3  # `certrelay run`s each run loop completes, at least
+WORK_DEADLINE = 600  # seconds for all that work: a deadline that turns a hang into a failure
 JOIN_TIMEOUT = 150  # a thread may be inside a `certrelay run`, itself bounded at 120 s
 
 #: Run by certrelay for each certificate: records NAME, the SHA-256 of the live
@@ -30,13 +33,17 @@ RECORDER = """\
 #!/bin/sh
 start=$(date +%s%N)
 sum=""
-for attempt in 1 2 3 4 5; do
-    sum=$(sha256sum < "$2/cert.pem") && break
+attempt=0
+# cert.pem is missing between the publisher's unlink and symlink: wait for it (10 s at most).
+until sum=$(sha256sum 2>/dev/null < "$2/cert.pem"); do
+    attempt=$((attempt + 1))
+    [ "$attempt" -lt 1000 ] || break
     sleep 0.01
 done
-sleep 0.02
+sleep 0.02  # an action that takes a while, so that two processes acting at once overlap
 end=$(date +%s%N)
-printf '%s %s %s %s %s\\n' "$1" "${sum%% *}" "$PPID" "$start" "$end" >> "RECORD"
+digest=${sum%% *}
+printf '%s %s %s %s %s\\n' "$1" "${digest:-unreadable}" "$PPID" "$start" "$end" >> "RECORD"
 """
 
 #: The only errors a run may report here: certbot's renewal (and the test's, which does
@@ -61,13 +68,15 @@ def unexpected_errors(output):
     ]
 
 
-def in_loop(stop, failures, step):
-    """Return a thread body that calls `step()` until `stop` is set, keeping exceptions."""
+def in_loop(stop, failures, step, done, index):
+    """Return a thread body that calls `step()` until `stop` is set, counting the calls
+    in done[index] and keeping exceptions."""
 
     def body():
         try:
             while not stop.is_set():
                 step()
+                done[index] += 1
         except Exception as error:  # reported by the test, not lost in the thread
             failures.append(repr(error))
 
@@ -87,13 +96,16 @@ def test_runs_daemon_and_hook_at_once_lose_nothing_repeat_nothing_and_never_over
     with open(log, "wb") as output:
         daemon = subprocess.Popen(relay.command("watch"), env=relay.environment(), stdout=output, stderr=subprocess.STDOUT)
     relay.processes.append(daemon)
-    deadline = time.monotonic() + 30
-    while "watching " not in log.read_text(errors="replace"):
-        assert daemon.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")
-        time.sleep(0.05)
+
+    def watching():
+        assert daemon.poll() is None, log.read_text(errors="replace")
+        return "watching " in log.read_text(errors="replace")
+
+    wait.until(watching, what="the daemon to watch", explain=lambda: log.read_text(errors="replace"))
 
     stop = threading.Event()
     failures, published, runs = [], [], []
+    done, shares = [0] * (PUBLISHERS + RUN_LOOPS), [ROUNDS] * PUBLISHERS + [RUNS] * RUN_LOOPS
 
     def publish_all(names):
         def step():
@@ -104,15 +116,17 @@ def test_runs_daemon_and_hook_at_once_lose_nothing_repeat_nothing_and_never_over
         return step
 
     threads = [
-        threading.Thread(target=in_loop(stop, failures, publish_all(LINEAGES[index::PUBLISHERS])))
+        threading.Thread(target=in_loop(stop, failures, publish_all(LINEAGES[index::PUBLISHERS]), done, index))
         for index in range(PUBLISHERS)
     ] + [
-        threading.Thread(target=in_loop(stop, failures, lambda: runs.append(relay.run())))
-        for _ in range(RUN_LOOPS)
+        threading.Thread(target=in_loop(stop, failures, lambda: runs.append(relay.run()), done, PUBLISHERS + index))
+        for index in range(RUN_LOOPS)
     ]
     for thread in threads:
         thread.start()
-    time.sleep(DURATION)
+    # All keep going until the slowest has done its share (or one failed).
+    wait.until(lambda: failures or all(count >= share for count, share in zip(done, shares)), WORK_DEADLINE,
+               what=f"every loop to do its share {shares}", explain=lambda: f"done: {done}")
     stop.set()
     for thread in threads:
         thread.join(JOIN_TIMEOUT)
