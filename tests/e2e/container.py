@@ -15,8 +15,9 @@ of its own, so its ports never clash with the host's; the host reaches them with
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
+
+from tests import wait  # the repository is on sys.path: under pytest, and in benchmarks/run.py
 
 #: The environment of commands run inside: like a root login, nothing from the host.
 INSIDE_ENVIRONMENT = [
@@ -33,17 +34,10 @@ def wait_until(predicate, timeout, interval=0.2, what="condition", explain=None)
     """Call `predicate()` until it returns a true value; return that value.
 
     Raises AssertionError after `timeout` seconds, with `what` and the text `explain()`
-    returns (e.g. the relevant journals), so a failed wait says why.
+    returns (e.g. the relevant journals), so a failed wait says why (tests.wait.until,
+    polling every `interval` s: most predicates here run a command in the container).
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            detail = explain() if explain else ""
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{detail}")
-        time.sleep(interval)
+    return wait.until(predicate, timeout, what=what, explain=explain, interval=interval)
 
 
 class Container:
@@ -76,23 +70,31 @@ class Container:
         ]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while self.leader is None:
+
+        def leader():
             self._check_alive()
             self.leader = self._find_leader()
-            if time.monotonic() > deadline:
-                raise ContainerError(f"no container PID 1 after {timeout} s:\n{self.console_log()}")
-            time.sleep(0.05)
+            return self.leader
+
+        try:
+            wait.until(leader, timeout, what="the container's PID 1", interval=0.05)
+        except AssertionError:
+            raise ContainerError(f"no container PID 1 after {timeout} s:\n{self.console_log()}") from None
         state = ""
-        while state not in ("running", "degraded"):
+
+        def up():
+            nonlocal state
             self._check_alive()
-            if time.monotonic() > deadline:
-                raise ContainerError(
-                    f"systemd in the container is {state!r}, not up after {timeout} s:\n"
-                    f"{self.run(['systemctl', '--failed', '--no-legend']).stdout}\n{self.console_log()}"
-                )
-            time.sleep(0.2)
             state = self.run(["systemctl", "is-system-running"], timeout=10).stdout.strip()
+            return state in ("running", "degraded")
+
+        try:
+            wait.until(up, timeout, what="systemd in the container to be up", interval=0.2)
+        except AssertionError:
+            raise ContainerError(
+                f"systemd in the container is {state!r}, not up after {timeout} s:\n"
+                f"{self.run(['systemctl', '--failed', '--no-legend']).stdout}\n{self.console_log()}"
+            ) from None
         return self
 
     def stop(self, timeout=60):
