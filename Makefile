@@ -115,9 +115,10 @@ uninstall:
 		$(DESTDIR)$(BASHCOMPDIR)/certrelay $(DESTDIR)$(ZSHCOMPDIR)/_certrelay
 	@echo "kept $(DESTDIR)$(RULES), $(STATE_DIR) and $(CONFIG_DIR)/certrelay: remove them by hand if you want"
 
-# Put the hook where certbot runs deploy hooks (the certbot container sees it there).
+# Put the hooks where certbot runs deploy and post hooks (the certbot container sees them there).
 install-hook:
 	install -D -m 0755 certrelay/certrelay-hook $(DESTDIR)$(CONFIG_DIR)/renewal-hooks/deploy/certrelay-hook
+	install -D -m 0755 certrelay/certrelay-post-hook $(DESTDIR)$(CONFIG_DIR)/renewal-hooks/post/certrelay-post-hook
 
 test: test-deps lint test-system test-newest package e2e
 

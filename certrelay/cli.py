@@ -202,25 +202,28 @@ def check(config_dir, rules_path, state_dir, rules_only):
 
 
 def hook_problems(config_dir):
-    """Return what is wrong with the deploy hook in `config_dir` (missing, or it cannot
-    be compared with the hook shipped with certrelay); log whether it is current."""
+    """Return what is wrong with certrelay's hooks in `config_dir` (missing, or one that
+    cannot be compared with the hook shipped with certrelay); log whether each is current."""
     from certrelay import hook as hook_module
 
     if not os.path.isdir(config_dir):
         return [f"{config_dir}: no such directory; pass certbot's config dir with --config-dir"]
-    hook = hook_module.installed_path(config_dir)
-    try:
-        hook_status = hook_module.status(config_dir)
-    except hook_module.HookError as error:
-        return [f"the deploy hook cannot be checked: {error}"]
-    if hook_status == hook_module.MISSING:
-        return [f"{hook}: the deploy hook is not installed; install it:"
-                f" certrelay install-hook --config-dir {config_dir}"]
-    if hook_status == hook_module.OUTDATED:
-        logger.warning("%s: outdated (not the hook shipped with this certrelay): run certrelay install-hook", hook)
-    else:
-        logger.info("%s: current", hook)
-    return []
+    problems = []
+    for hook in hook_module.HOOKS:
+        path = hook_module.installed_path(config_dir, hook)
+        try:
+            hook_status = hook_module.status(config_dir, hook)
+        except hook_module.HookError as error:
+            problems.append(f"the {hook.kind} hook cannot be checked: {error}")
+            continue
+        if hook_status == hook_module.MISSING:
+            problems.append(f"{path}: the {hook.kind} hook is not installed; install it:"
+                            f" certrelay install-hook --config-dir {config_dir}")
+        elif hook_status == hook_module.OUTDATED:
+            logger.warning("%s: outdated (not the hook shipped with this certrelay): run certrelay install-hook", path)
+        else:
+            logger.info("%s: current", path)
+    return problems
 
 
 def install_problems(rules, config_dir):
@@ -318,20 +321,27 @@ def watch(config_dir, rules_path, state_dir, poll):
 @click.option("--force", is_flag=True,
               help="Create a missing config dir; replace a file there that is not a certrelay hook.")
 def install_hook(config_dir, force):
-    """Copy the deploy hook into CONFIG_DIR/renewal-hooks/deploy/ (atomically, mode 0755).
+    """Copy the hooks into CONFIG_DIR/renewal-hooks/ (atomically, mode 0755): the
+    deploy hook into deploy/, the post hook into post/.
 
-    certbot then runs it after every renewal. Run it again after an upgrade when
-    `certrelay check` says the hook is outdated.
+    certbot then runs the deploy hook after every renewal and the post hook after
+    every renewal attempt. Run it again after an upgrade when `certrelay check` says a
+    hook is outdated.
     """
     from certrelay import hook as hook_module
 
     setup_logging(False, False)
-    try:
-        path, outcome = hook_module.install(config_dir, force)
-    except (hook_module.HookError, OSError) as error:
-        logger.error("%s", error)
+    failed = False
+    for hook in hook_module.HOOKS:
+        try:
+            path, outcome = hook_module.install(config_dir, force, hook)
+        except (hook_module.HookError, OSError) as error:
+            logger.error("%s", error)
+            failed = True
+            continue
+        logger.info("%s: %s", path, "already current" if outcome == hook_module.CURRENT else outcome)
+    if failed:
         sys.exit(EXIT_CONFIG)
-    logger.info("%s: %s", path, "already current" if outcome == hook_module.CURRENT else outcome)
 
 
 def selected_lineages(config_dir, rules, state_dir, names):

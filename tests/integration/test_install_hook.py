@@ -131,12 +131,15 @@ def test_directory_in_the_way_is_refused(config_dir):
         hook.install(config_dir, force=True)
 
 
-def test_check_reports_missing_outdated_and_current(relay):
+@pytest.mark.parametrize("kind", [hook.DEPLOY, hook.POST], ids=["deploy", "post"])
+def test_check_reports_missing_outdated_and_current(relay, kind):
+    other = hook.POST if kind == hook.DEPLOY else hook.DEPLOY
+    hook.install(relay.config_dir, hook=other)
     missing = relay.run(command="check")
     assert missing.returncode == 2
-    assert "the deploy hook is not installed; install it: certrelay install-hook" in missing.stderr
+    assert f"the {kind.kind} hook is not installed; install it: certrelay install-hook" in missing.stderr
 
-    path, _ = hook.install(relay.config_dir)
+    path, _ = hook.install(relay.config_dir, hook=kind)
     current = relay.run(command="check")
     assert current.returncode == 0, current.stderr
     assert f"{path}: current" in current.stderr
@@ -146,6 +149,19 @@ def test_check_reports_missing_outdated_and_current(relay):
     assert outdated.returncode == 0, outdated.stderr
     assert f"warning: {path}: outdated" in outdated.stderr
     assert "run certrelay install-hook" in outdated.stderr
+
+
+def test_install_hook_installs_both_hooks_where_certbot_runs_them(relay):
+    done = subprocess.run(
+        [sys.executable, "-m", "certrelay", "install-hook", "--config-dir", relay.config_dir],
+        env=relay.environment(), capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 0, done.stderr
+    for kind in hook.HOOKS:
+        path = Path(relay.config_dir, "renewal-hooks", kind.kind, kind.name)
+        assert f"{path}: installed" in done.stderr
+        assert path.read_bytes() == hook.packaged_hook(kind) and os.access(path, os.X_OK)
+        assert kind.marker in path.read_bytes()
 
 
 def test_check_without_a_packaged_hook_says_so_and_how_to_fix_it(relay, tmp_path):
