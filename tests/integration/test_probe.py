@@ -291,7 +291,8 @@ def tls_server(peer):
         ("pop3", pop3_server, b"QUIT\r\n"),
         ("sieve", sieve_server, b"LOGOUT\r\n"),
         ("ftp", ftp_server, b"QUIT\r\n"),
-        ("xmpp", xmpp_server, b""),
+        ("xmpp", xmpp_server, b"<?xml version='1.0'?><stream:stream to=\"mail.test\" version='1.0'"
+                              b" xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'></stream:stream>"),
         ("ldap", ldap_server, LDAP_UNBIND),
         ("postgres", postgres_server, b""),
     ],
@@ -309,13 +310,22 @@ def test_fetch_returns_the_served_certificate_and_says_goodbye(serve, certificat
     assert server.notes["after"] == goodbye
 
 
-@pytest.mark.parametrize("name, to", [("xmpp.test", b'to="xmpp.test"'), (None, b'to="127.0.0.1"')])
-def test_xmpp_stream_is_addressed_to_the_server_name_else_the_host(serve, name, to):
+def test_xmpp_stream_is_addressed_to_the_server_name(serve):
     server = serve(xmpp_server)
 
-    assert fetch("xmpp", server, name).error is None
+    assert fetch("xmpp", server, "xmpp.test").error is None
     server.stop()
-    assert to in server.notes["header"]
+    assert b'to="xmpp.test"' in server.notes["header"]
+
+
+def test_an_xmpp_stream_is_never_addressed_to_an_ip_address(serve):
+    """Without a name, the probe says what to write instead of connecting."""
+    server = serve(xmpp_server)
+
+    served = fetch("xmpp", server, None)
+
+    assert served.error.startswith("no domain to address the XMPP stream to (an IP address is none)")
+    assert "xmpp://HOST?sni=DOMAIN" in served.error
 
 
 def test_smtp_says_nothing_before_a_multiline_banner_ends(serve):
