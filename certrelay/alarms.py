@@ -73,7 +73,7 @@ def expiry_alarms(scanned, rules, recorder):
     return alarmed, below
 
 
-def undated(scanned, rules):
+def undated(scanned, rules, config_dir):
     """Return [(alarm key, certificates, message)] for the lineages of `scanned` whose dates cannot
     be read: one for all when python3-cryptography is missing (their domains are
     unknown too, so every lineage counts), and one for each other that a rule selects
@@ -87,19 +87,32 @@ def undated(scanned, rules):
         found.append((LIBRARY, len(missing),
                       f"{len(missing)} certificate(s) ({names}) without dates: {certinfo.NO_CRYPTOGRAPHY}"))
     for lineage in scanned:
-        if lineage.facts is None and not lineage.no_cryptography and rules.matching(lineage.name, ()):
+        if lineage.facts is None and not lineage.no_cryptography and rules.matching(lineage.name, ()) \
+                and not readable_now(config_dir, lineage.name):
             found.append((lineage.name, 1, f"{lineage.name}: the dates of the live certificate cannot be read, so no"
                                         f" expiry alarm can fire for it: {lineage.error}"))
     return found
 
 
-def undated_alarms(scanned, rules, recorder):
-    """Log each of `undated(scanned, rules)` as an error, at most once a day each.
+def readable_now(config_dir, name):
+    """Return True if live/NAME/cert.pem reads and parses now: a scan that met it in the
+    middle of a renewal (certbot replaces the link) is no reason for an alarm."""
+    from certrelay import certinfo
+
+    try:
+        certinfo.from_pem(certificate.live_certificate(config_dir, name))
+    except (certificate.CertificateError, certinfo.CertificateParseError):
+        return False
+    return True
+
+
+def undated_alarms(scanned, rules, recorder, config_dir):
+    """Log each of `undated(scanned, rules, config_dir)` as an error, at most once a day each.
 
     Return (the keys alarmed now, the number of certificates without dates).
     """
     now, alarmed, count = time.time(), [], 0
-    for key, certificates, message in undated(scanned, rules):
+    for key, certificates, message in undated(scanned, rules, config_dir):
         count += certificates
         if due(recorder, key, now):
             alarmed.append(key)

@@ -188,7 +188,7 @@ class Batch:
         if self.dry_run:
             return outcome
         expiring, below = alarms.expiry_alarms(self.scanned, self.rules, self.recorder)
-        undated_now, undated = alarms.undated_alarms(self.scanned, self.rules, self.recorder)
+        undated_now, undated = alarms.undated_alarms(self.scanned, self.rules, self.recorder, self.config_dir)
         overdue_now, overdue, self.overdue_from, due_at = alarms.overdue_alarms(
             self.scanned, self.rules, self.recorder, self.config_dir)
         failed_now, failed = alarms.attempt_alarms(self.scanned, self.rules, self.recorder, self.config_dir, due_at)

@@ -185,7 +185,7 @@ def check(config_dir, rules_path, state_dir, rules_only):
     if os.path.isdir("/run/systemd/system"):
         problems += unit_problems(rules)
     problems += install_problems(rules, config_dir)
-    problems += [message for _, _, message in alarms.undated(lineages.Scanner(config_dir, None).scan(), rules)]
+    problems += [message for _, _, message in alarms.undated(lineages.Scanner(config_dir, None).scan(), rules, config_dir)]
     try:
         logger.info(
             "%d rule(s); %d pending, %d kept for retry; quarantine: %s",

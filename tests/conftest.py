@@ -120,10 +120,13 @@ class Relay:
         return sorted(os.fsdecode(name) for name in os.listdir(os.fsencode(path))) if os.path.isdir(path) else []
 
     def stop(self):
+        """Kill what `start` started, and release any fake systemctl a test left
+        blocked (`behave("block", ...)`): it outlives certrelay otherwise."""
         for process in self.processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGKILL)
             process.wait()
+        open(os.path.join(self.bin, "release"), "w").close()
 
 
 @pytest.fixture

@@ -334,9 +334,10 @@ def test_check_reports_missing_hook_and_exits_2_then_0_once_installed(relay):
 
     assert missing.returncode == 2
     assert "the deploy hook is not installed" in missing.stderr
-    hook_dir = os.path.join(relay.config_dir, "renewal-hooks", "deploy")
-    os.makedirs(hook_dir)
-    shutil.copy(HOOK, os.path.join(hook_dir, "certrelay-hook"))
+    for kind, name in (("deploy", "certrelay-hook"), ("post", "certrelay-post-hook")):
+        hook_dir = os.path.join(relay.config_dir, "renewal-hooks", kind)
+        os.makedirs(hook_dir)
+        shutil.copy(os.path.join(os.path.dirname(HOOK), name), os.path.join(hook_dir, name))
     assert relay.run(command="check").returncode == 0
 
 
