@@ -1,0 +1,152 @@
+"""Pins for certrelay.spool that mutation testing (make mutants, docs/mutants.md) found
+missing, in-process (test_hostile.py checks the same through `certrelay run`, but is
+too slow to run for every mutant): a spool directory replaced by a link or a file, the
+name an invalid entry gets in quarantine/, what is pending, and whole messages."""
+
+import os
+
+import pytest
+
+from certrelay import spool
+
+NOTIFICATION = "version=1\nname={name}\nlineage=/etc/letsencrypt/live/{name}\ndomains={name}\ntime=2026-11-28T10:00:00Z\n"
+
+
+@pytest.fixture
+def config_dir(tmp_path):
+    root = tmp_path / "certrelay"
+    for directory in ("queue", "claimed", "quarantine", "tmp"):
+        (root / directory).mkdir(parents=True)
+    return str(tmp_path)
+
+
+def publish(config_dir, name, directory="queue", text=None):
+    with open(os.path.join(config_dir, "certrelay", directory, name), "w", encoding="utf-8") as file:
+        file.write(NOTIFICATION.format(name=name) if text is None else text)
+
+
+def quarantined(config_dir):
+    return sorted(os.listdir(os.path.join(config_dir, "certrelay", "quarantine")))
+
+
+def claim(config_dir):
+    with spool.Spool(config_dir).opened(create=True) as opened:
+        return opened.claim()
+
+
+# --- spool directories that are not directories -------------------------------------------
+
+
+@pytest.mark.parametrize("directory", ["queue", "claimed"])
+def test_a_spool_directory_replaced_by_a_link_is_quarantined_unfollowed(config_dir, tmp_path, directory):
+    path = os.path.join(config_dir, "certrelay", directory)
+    os.rmdir(path)
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "secret").write_text("x")
+    os.symlink(host, path)
+
+    notifications, problems = claim(config_dir)
+
+    [kept] = quarantined(config_dir)
+    assert kept.startswith(f"{directory}@") and os.path.islink(os.path.join(config_dir, "certrelay", "quarantine", kept))
+    assert os.path.isdir(path) and not os.path.islink(path) and os.listdir(path) == []
+    assert notifications == [] and os.listdir(host) == ["secret"]
+    assert problems == [
+        f"quarantined the spool directory {path}: it was a symbolic link to {str(host)!r}, not a directory (nothing"
+        f" was followed or moved through it); kept as {os.path.join(config_dir, 'certrelay', 'quarantine', kept)},"
+        " and an empty directory made in its place"
+    ]
+
+
+def test_without_create_a_replaced_spool_directory_is_only_reported(config_dir):
+    path = os.path.join(config_dir, "certrelay", "queue")
+    os.rmdir(path)
+    with open(path, "w") as file:
+        file.write("x")
+
+    with spool.Spool(config_dir).opened() as opened:
+        notifications, problems = opened.peek()
+
+    assert notifications == [] and quarantined(config_dir) == []
+    assert problems == [f"would quarantine the spool directory {path}: it is a regular file, not a directory"]
+
+
+def test_describe_entry_says_what_an_entry_is(tmp_path):
+    target = "/" + "t" * 300
+    os.symlink(target, tmp_path / "link")
+    os.mkfifo(tmp_path / "fifo")
+    parent = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert spool.describe_entry(parent, "link") == f"a symbolic link to {target[:200]!r}"
+        assert spool.describe_entry(parent, "fifo") == "a FIFO"
+        assert spool.describe_entry(parent, "missing") == "unreadable (No such file or directory)"
+    finally:
+        os.close(parent)
+
+
+# --- pending and claimed names ----------------------------------------------------------------
+
+
+def test_pending_names_are_the_visible_queue_entries_open_or_not(config_dir):
+    for name in ("b.ch", "a.ch", ".a.ch.hook-tmp"):
+        publish(config_dir, name)
+    publish(config_dir, "x.ch@1", directory="claimed")
+    os.mknod(os.path.join(config_dir, "certrelay", "queue", os.fsdecode(b"c\xff")))
+    unopened = spool.Spool(config_dir)
+
+    with spool.Spool(config_dir).opened() as opened:
+        assert opened.pending_names() == ["a.ch", "b.ch", "c\udcff"]
+        assert opened.claimed_entries() == ["x.ch@1"]
+    assert unopened.pending_names() == ["a.ch", "b.ch", "c\udcff"]
+    assert unopened.claimed_entries() == ["x.ch@1"]
+
+
+# --- quarantine -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "safe"), [
+    ("Bad Name!", "Bad_Name_"),
+    ("..Evil..", "Evil.."),
+    ("...", "entry"),
+    ("-" + "A" * 150, "-" + "A" * 99),
+])
+def test_an_invalid_queue_entry_is_quarantined_under_a_safe_name(config_dir, name, safe):
+    publish(config_dir, name)
+
+    notifications, problems = claim(config_dir)
+
+    [kept] = quarantined(config_dir)
+    assert notifications == [] and kept.partition("@")[0] == safe
+    shown = repr(name)[:120]
+    assert problems == [
+        f"quarantined spool entry {shown}: {spool.BAD_NAME}; kept as"
+        f" {os.path.join(config_dir, 'certrelay', 'quarantine', kept)}"
+    ]
+
+
+def test_an_invalid_claimed_entry_is_named_as_the_queue_entry_it_was(config_dir):
+    publish(config_dir, "x.ch@y@12", directory="claimed")
+
+    _, problems = claim(config_dir)
+
+    [kept] = quarantined(config_dir)
+    assert kept.partition("@")[0] == "x.ch"
+    assert problems == [
+        "quarantined spool entry 'x.ch': not a name certrelay gives claimed entries; kept as"
+        f" {os.path.join(config_dir, 'certrelay', 'quarantine', kept)}"
+    ]
+
+
+def test_peek_says_what_it_would_quarantine(config_dir):
+    name = "-" + "x" * 200
+    publish(config_dir, name)
+    publish(config_dir, "ok.ch")
+
+    with spool.Spool(config_dir).opened() as opened:
+        notifications, problems = opened.peek()
+
+    queue = os.path.join(config_dir, "certrelay", "queue")
+    assert [n.name for n in notifications] == ["ok.ch"]
+    assert problems == [f"would quarantine spool entry {repr(name)[:120]} in {queue}: {spool.BAD_NAME}"]
+    assert quarantined(config_dir) == []
