@@ -1,0 +1,179 @@
+"""Pins for certrelay.batch that mutation testing (make mutants, docs/mutants.md) found
+missing: the summary line, min-interval at its boundary, the idle memo a batch leaves
+or removes, installs done through deliver, and what status.json records. In-process
+(batch.process with the recording systemctl on PATH), so that they cost milliseconds
+per mutant; test_run.py and test_idle.py check the same through `certrelay run`."""
+
+import json
+import logging
+import marshal
+import os
+import time
+
+import pytest
+
+from certrelay import batch, idle, rules as rules_module
+from tests import certs
+
+
+
+@pytest.fixture
+def process(relay, monkeypatch):
+    """Return process(**options): one batch.process of `relay` under its rules, in-process."""
+    monkeypatch.setenv("PATH", relay.bin + os.pathsep + os.environ["PATH"])
+
+    def run(**options):
+        rules = rules_module.load(relay.rules_path, config_dir=relay.config_dir)
+        return batch.process(relay.config_dir, rules, relay.state_dir, **options)
+
+    return run
+
+
+@pytest.fixture
+def now():
+    """The batch's clock where a test sets it: now, to the second."""
+    return float(int(time.time()))
+
+
+def at(monkeypatch, when):
+    monkeypatch.setattr(batch.time, "time", lambda: when)
+
+
+def memo(relay):
+    path = os.path.join(relay.state_dir, idle.MEMO)
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as file:
+        return marshal.load(file)
+
+
+# --- the summary ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("counts", "line"), [
+    ({}, "nothing pending"),
+    ({"quarantined": 1}, "0 notification(s), 0/0 action(s) done, 1 quarantined"),
+    ({"unannounced": 1, "actions": 1}, "0 notification(s), 1 renewal(s) found without one, 1/1 action(s) done"),
+    ({"below_warning": 2}, "0 notification(s), 0/0 action(s) done, 2 certificate(s) close to expiry"),
+    ({"notifications": 9, "unannounced": 1, "actions": 5, "failed": 2, "verified": 3, "unverified": 1, "kept": 2,
+      "deferred": 1, "unchanged": 4, "unmatched": 1, "unreadable": 1, "quarantined": 2, "below_warning": 1,
+      "undated": 1, "overdue": 1},
+     "9 notification(s), 1 renewal(s) found without one, 3/5 action(s) done, 3 endpoint(s) verified,"
+     " 1 endpoint(s) NOT serving the live certificate, 2 kept for retry, 1 deferred by min-interval, 4 unchanged,"
+     " 1 matched no rule, 1 without a readable certificate, 2 quarantined, 1 certificate(s) close to expiry,"
+     " 1 certificate(s) whose dates cannot be read, 1 renewal(s) overdue"),
+    ({"notifications": 2, "actions": 3, "dry_run": True}, "2 notification(s), 3 action(s) planned"),
+])
+def test_the_summary_names_every_count_that_is_not_zero(counts, line):
+    assert batch.Outcome(**counts).summary() == line
+
+
+# --- min-interval --------------------------------------------------------------------------
+
+
+MIN_INTERVAL = '[settings]\nmin-interval = 60\n\n[[rule]]\nmatch = ["*"]\nreload = ["apache2"]\nrun = [["/bin/true"]]\n'
+
+
+def test_min_interval_holds_a_unit_back_until_it_has_passed_and_not_a_moment_longer(relay, process, monkeypatch,
+                                                                                     caplog, now):
+    relay.write_rules(MIN_INTERVAL)
+    relay.publish("a.ch")
+    at(monkeypatch, now)
+    assert process().done == 1
+    relay.publish("b.ch")
+    relay.publish("c.ch")
+    at(monkeypatch, now + 59.5)
+    caplog.set_level(logging.INFO, logger="certrelay.batch")
+
+    held = process()
+
+    assert (held.deferred, held.actions, held.deferred_until) == (2, 1, now + 60)  # /bin/true ran, apache2 waits
+    assert "deferred reload apache2.service (b.ch, c.ch): its last action was less than min-interval (60 s) ago" in [
+        record.getMessage() for record in caplog.records]
+    assert relay.calls() == ["reload apache2.service"]
+    at(monkeypatch, now + 60)
+    assert process().done == 2
+    assert relay.calls() == ["reload apache2.service"] * 2
+
+
+def test_a_dry_run_says_it_would_defer(relay, process, monkeypatch, caplog, now):
+    relay.write_rules(MIN_INTERVAL)
+    relay.publish("a.ch")
+    at(monkeypatch, now)
+    process()
+    relay.publish("b.ch")
+    caplog.set_level(logging.INFO, logger="certrelay.batch")
+
+    outcome = process(dry_run=True)
+
+    assert outcome.deferred_until == now + 60
+    assert ("would defer reload apache2.service (b.ch): its last action was less than min-interval (60 s) ago"
+            in [record.getMessage() for record in caplog.records])
+
+
+# --- the idle memo ------------------------------------------------------------------------
+
+
+UNITS = '[[rule]]\nmatch = ["*"]\nreload = ["apache2"]\n'
+
+
+def test_a_settled_batch_leaves_a_memo_due_a_day_later(relay, process, monkeypatch, now):
+    relay.write_rules(UNITS)
+    relay.publish("a.ch")
+    at(monkeypatch, now)
+
+    assert process().settled
+
+    left = memo(relay)
+    assert (left["config_dir"], left["rules_path"], left["until"]) == (relay.config_dir, relay.rules_path, now + 86400)
+    with open(os.path.join(relay.state_dir, "status.json"), encoding="utf-8") as file:
+        assert json.load(file)["last_run"] == now
+
+
+@pytest.mark.parametrize("why", ["failed", "metrics", "close-to-expiry"])
+def test_a_batch_that_leaves_something_or_writes_metrics_leaves_no_memo(relay, process, why):
+    relay.write_rules(UNITS)
+    relay.publish("a.ch")
+    process()
+    assert memo(relay) is not None
+    if why == "failed":
+        relay.behave("fail", "apache2.service")
+        relay.publish("a.ch")
+    elif why == "metrics":
+        relay.write_rules(UNITS + f'\n[settings]\nmin-interval = 0\nmetrics = "{relay.root}/metrics.prom"\n')
+    else:
+        certs.renew(relay.config_dir, "b.ch", age_days=85)
+
+    process()
+
+    assert memo(relay) is None
+
+
+def test_a_batch_with_installs_leaves_no_memo(relay, process, root):
+    relay.write_rules(UNITS)
+    relay.publish("a.ch")
+    process()
+    relay.write_rules(UNITS + f'  [[rule.install]]\n  dest = "{root}/{{name}}.pem"\n  content = ["fullchain", "privkey"]\n')
+    certs.renew(relay.config_dir, "a.ch")
+    relay.publish("a.ch", renew=False)
+
+    outcome = process()
+
+    assert (outcome.done, outcome.actions, outcome.failed) == (1, 2, 0)
+    with open(os.path.join(root, "a.ch.pem"), "rb") as delivered, \
+            open(os.path.join(relay.config_dir, "live", "a.ch", "privkey.pem"), "rb") as key:
+        assert delivered.read().endswith(key.read())
+    assert memo(relay) is None
+
+
+def test_a_memo_that_cannot_be_removed_is_a_warning(relay, process, caplog):
+    relay.write_rules(UNITS)
+    relay.behave("fail", "apache2.service")
+    relay.publish("a.ch")
+    os.makedirs(os.path.join(relay.state_dir, idle.MEMO, "in-the-way"))
+    caplog.set_level(logging.WARNING, logger="certrelay.batch")
+
+    assert process().kept == 1
+
+    path = os.path.join(relay.state_dir, idle.MEMO)
+    assert f"cannot update {path}: Is a directory" in [record.getMessage() for record in caplog.records]
