@@ -177,3 +177,39 @@ def test_a_memo_that_cannot_be_removed_is_a_warning(relay, process, caplog):
 
     path = os.path.join(relay.state_dir, idle.MEMO)
     assert f"cannot update {path}: Is a directory" in [record.getMessage() for record in caplog.records]
+
+
+# --- what process() does by default ---------------------------------------------------------
+
+
+def test_by_default_an_unchanged_certificate_is_skipped_and_a_forced_dry_run_would_act(relay, process, caplog):
+    relay.write_rules(UNITS)
+    relay.publish("a.ch")
+    process()
+    relay.publish("a.ch", renew=False)  # a replay: the live certificate is the one acted on
+    caplog.set_level(logging.INFO, logger="certrelay")
+
+    forced = process(dry_run=True, force=True)
+    skipped = process()
+
+    assert (forced.actions, forced.unchanged) == (1, 0)
+    assert (skipped.actions, skipped.unchanged, skipped.done) == (0, 1, 0)
+    assert relay.calls() == ["reload apache2.service"]
+    assert "would reload apache2.service (a.ch)" in [record.getMessage() for record in caplog.records]
+
+
+def test_a_temporary_file_a_killed_hook_left_a_day_ago_is_removed_and_said(relay, process, caplog):
+    relay.write_rules(UNITS)
+    relay.publish("a.ch")
+    tmp = os.path.join(relay.spool, "tmp")
+    os.makedirs(tmp, exist_ok=True)
+    left = os.path.join(tmp, "a.ch.12345")
+    open(left, "w").close()
+    os.utime(left, (time.time() - 2 * 86400,) * 2)
+    caplog.set_level(logging.DEBUG, logger="certrelay.batch")
+
+    process()
+
+    assert not os.path.exists(left)
+    assert (f"removed {relay.spool}/tmp/a.ch.12345, left by a hook killed over a day ago"
+            in [record.getMessage() for record in caplog.records])
