@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from certrelay import alarms, batch, idle, lineages, rules as rules_module
+from certrelay import alarms, batch, certinfo, idle, lineages, rules as rules_module
 from tests import certs
 from tests.writeup import WRITE_UP_CERTIFICATES
 
@@ -150,26 +150,26 @@ def test_renewal_without_notification_is_acted_on_though_a_memo_exists(relay):
 def test_memo_holds_until_the_first_expiry_threshold(relay):
     """72 of 90 days gone, less an hour: the warning (a fifth left) falls due in an hour."""
     settle(relay)
-    certs.renew(relay.config_dir, "grunzwanzling.ch", age_days=72 - 1 / 24)
+    info = certinfo.from_pem(certs.renew(relay.config_dir, "grunzwanzling.ch", age_days=72 - 1 / 24))
     # certbot renews it at 10 days left: not overdue before the warning
     certs.write_renewal_conf(relay.config_dir, "grunzwanzling.ch", extra="renew_before_expiry = 10 days\n")
     assert relay.run().returncode == 0
     with open(os.path.join(relay.state_dir, idle.MEMO), "rb") as file:
         until = marshal.load(file)["until"]
 
-    assert abs(until - (time.time() + 3600)) < 120
+    assert until == pytest.approx(info.not_after - 0.2 * (info.not_after - info.not_before), abs=1e-3)
 
 
 def test_memo_holds_until_a_renewal_becomes_overdue(relay):
     """certbot 5 renews a 90-day certificate at 60 days; 60 days and a day (the grace)
     less an hour gone: overdue in an hour, long before the expiry warning."""
     settle(relay)
-    certs.renew(relay.config_dir, "grunzwanzling.ch", age_days=61 - 1 / 24)
+    info = certinfo.from_pem(certs.renew(relay.config_dir, "grunzwanzling.ch", age_days=61 - 1 / 24))
     assert relay.run().returncode == 0
     with open(os.path.join(relay.state_dir, idle.MEMO), "rb") as file:
         until = marshal.load(file)["until"]
 
-    assert abs(until - (time.time() + 3600)) < 120
+    assert until == pytest.approx(info.not_before + 60 * 86400 + 86400, abs=1e-3)  # day 60, and the day of grace
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the rules file's owner and mode are checked as root only")

@@ -10,7 +10,6 @@ import pwd
 import stat
 import subprocess
 import sys
-import time
 
 import pytest
 from cryptography import x509
@@ -20,6 +19,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
 from certrelay import deliver as delivery, install
+from tests import wait
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="delivers files with owners: needs root")
 
@@ -357,9 +357,11 @@ def test_a_concurrent_reader_sees_only_whole_files_with_the_wanted_owner_and_mod
         stdout=subprocess.PIPE, text=True,
     )
     try:
-        while not os.path.exists(ready):
+        def started():
             assert reader.poll() is None, "the reader died"
-            time.sleep(0.01)
+            return os.path.exists(ready)
+
+        wait.until(started, what="the reader to start")
         for number in range(200):
             lineage.use(2 - number % 2)
             result = deliver(lineage, path, **settings)
