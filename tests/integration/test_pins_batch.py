@@ -4,15 +4,19 @@ or removes, installs done through deliver, and what status.json records. In-proc
 (batch.process with the recording systemctl on PATH), so that they cost milliseconds
 per mutant; test_run.py and test_idle.py check the same through `certrelay run`."""
 
+import hashlib
 import json
 import logging
 import marshal
 import os
+import socket
+import ssl
+import threading
 import time
 
 import pytest
 
-from certrelay import batch, idle, rules as rules_module
+from certrelay import batch, certificate, idle, rules as rules_module
 from tests import certs
 
 
@@ -213,3 +217,178 @@ def test_a_temporary_file_a_killed_hook_left_a_day_ago_is_removed_and_said(relay
     assert not os.path.exists(left)
     assert (f"removed {relay.spool}/tmp/a.ch.12345, left by a hook killed over a day ago"
             in [record.getMessage() for record in caplog.records])
+
+
+# --- counting and dropping ------------------------------------------------------------------
+
+
+def test_each_dropped_notification_is_counted_and_said_and_the_next_still_acted_on(relay, process, caplog):
+    relay.write_rules('[[rule]]\nmatch = ["*.ch"]\nreload = ["apache2"]\n')
+    for name in ("a.ch", "b.ch"):
+        relay.publish(name)
+    process()
+    for name in ("a.ch", "b.ch"):  # replays: the certificates acted on
+        relay.publish(name, renew=False)
+    for name in ("c.org", "d.org"):  # no rule selects them
+        relay.publish(name)
+    for name in ("e.ch", "f.ch"):  # no live certificate to read
+        relay.publish(name, renew=False)
+    relay.publish("z.ch")
+    caplog.set_level(logging.INFO, logger="certrelay.batch")
+
+    outcome = process()
+
+    unreadable = {}
+    for name in ("e.ch", "f.ch"):
+        with pytest.raises(certificate.CertificateError) as raised:
+            certificate.fingerprint(relay.config_dir, name)
+        unreadable[name] = raised.value
+    assert (outcome.notifications, outcome.unchanged, outcome.unmatched, outcome.unreadable, outcome.done) == (
+        7, 2, 2, 2, 1)
+    assert relay.calls() == ["reload apache2.service"] * 2
+    said = [record.getMessage() for record in caplog.records]
+    for name in ("a.ch", "b.ch"):
+        assert f"skipped {name}: its certificate did not change since the last action (--force acts anyway)" in said
+    for name in ("e.ch", "f.ch"):
+        assert f"dropped the notification for {name}: its live certificate cannot be read: {unreadable[name]}" in said
+
+
+def test_a_batch_with_nothing_to_do_keeps_nothing(relay, process):
+    relay.write_rules(UNITS)
+    relay.publish("a.ch")
+    process()
+
+    process()
+    process()
+
+    path = os.path.join(relay.state_dir, "progress.json")
+    assert not os.path.exists(path) or json.load(open(path, encoding="utf-8")) == {}
+
+
+def test_a_replay_of_a_notification_kept_from_a_flaky_unit_is_still_retried(relay, process):
+    """a.ch@1 waits for exim4 (failed), a.ch@2 (a replay) for dovecot (failed now): when
+    a.ch@1 is done the ledger holds the certificate, and a.ch@2 must not be dropped as
+    unchanged, but retried."""
+    relay.write_rules('[[rule]]\nmatch = ["*"]\nrestart = ["exim4", "dovecot"]\n')
+    relay.publish("a.ch")
+    relay.behave("fail", "exim4.service")
+    assert process().kept == 1
+    relay.publish("a.ch", renew=False)
+    os.unlink(os.path.join(relay.bin, "fail", "exim4.service"))
+    relay.behave("fail", "dovecot.service")
+    assert (process().done, len(relay.entries("claimed"))) == (1, 1)
+    os.unlink(os.path.join(relay.bin, "fail", "dovecot.service"))
+    calls = len(relay.calls())
+
+    outcome = process()
+
+    assert (outcome.done, outcome.unchanged) == (1, 0)
+    assert relay.calls()[calls:] == ["restart dovecot.service"]
+    assert relay.entries("claimed") == []
+
+
+def test_a_replay_against_a_ledger_an_older_certrelay_wrote_is_unchanged_and_the_ledger_taken_over(relay, process):
+    relay.write_rules(UNITS)
+    relay.publish("a.ch")
+    process()
+    with open(os.path.join(relay.config_dir, "live", "a.ch", "cert.pem"), "rb") as file:
+        old = hashlib.sha256(file.read()).hexdigest()
+    with open(os.path.join(relay.state_dir, "ledger.json"), "w", encoding="utf-8") as file:
+        json.dump({"a.ch": old}, file)
+    relay.publish("a.ch", renew=False)
+
+    assert process().unchanged == 1
+
+    with open(os.path.join(relay.state_dir, "ledger.json"), encoding="utf-8") as file:
+        assert json.load(file) == {"a.ch": certificate.fingerprint(relay.config_dir, "a.ch")}
+
+
+def test_a_dry_run_outcome_says_planned_and_what_it_would_verify(relay, process, caplog):
+    relay.write_rules('[[rule]]\nmatch = ["*"]\nreload = ["apache2"]\nverify = ["https://127.0.0.1:8443"]\n')
+    relay.publish("a.ch")
+    caplog.set_level(logging.INFO, logger="certrelay.batch")
+
+    outcome = process(dry_run=True)
+
+    assert outcome.dry_run and outcome.summary() == "1 notification(s), 1 action(s) planned"
+    assert "would verify that https://127.0.0.1:8443 serves the live certificate of a.ch" in [
+        record.getMessage() for record in caplog.records]
+
+
+# --- verification -----------------------------------------------------------------------------
+
+
+class TlsServer:
+    """Serves a certificate on 127.0.0.1: the handshake, then it closes."""
+
+    def __init__(self, cert_file, key_file):
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert_file, key_file)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.running = True
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while self.running:
+            try:
+                connection, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            connection.settimeout(2)
+            try:
+                with self.context.wrap_socket(connection, server_side=True) as tls:
+                    tls.recv(1)
+            except OSError:
+                pass
+
+    def stop(self):
+        self.running = False
+        self.thread.join()
+        self.listener.close()
+
+
+@pytest.fixture
+def serve(relay):
+    """serve(name) serves lineage `name`'s live certificate, as it is now."""
+    servers = []
+
+    def start(name):
+        live = os.path.join(relay.config_dir, "live", name)
+        servers.append(TlsServer(os.path.join(live, "fullchain.pem"), os.path.join(live, "privkey.pem")))
+        return servers[-1].port
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def test_a_verified_endpoint_settles_the_notification_and_is_recorded(relay, process, serve, monkeypatch, now):
+    relay.renew("a.ch")
+    port = serve("a.ch")
+    relay.write_rules(f'[[rule]]\nmatch = ["a.ch"]\nreload = ["tlsd"]\nverify = ["tls://127.0.0.1:{port}"]\n')
+    relay.publish("a.ch", renew=False)
+    at(monkeypatch, now)
+
+    outcome = process()
+
+    assert (outcome.verified, outcome.unverified, outcome.done, outcome.kept) == (1, 0, 1, 0)
+    with open(os.path.join(relay.state_dir, "status.json"), encoding="utf-8") as file:
+        recorded = json.load(file)
+    assert recorded["units"]["tlsd.service"]["time"] == now
+    assert relay.entries("claimed") == []
+
+
+def test_an_endpoint_serving_something_else_keeps_the_notification(relay, process, serve):
+    relay.renew("other.ch")
+    port = serve("other.ch")
+    relay.write_rules(f'[settings]\nmin-interval = 0\nverify-timeout = "1s"\n\n[[rule]]\nmatch = ["a.ch"]\n'
+                      f'reload = ["tlsd"]\nverify = ["tls://127.0.0.1:{port}"]\n')
+    relay.publish("a.ch")
+
+    outcome = process()
+
+    assert (outcome.verified, outcome.unverified, outcome.done, outcome.kept) == (0, 1, 0, 1)
+    assert [entry.partition("@")[0] for entry in relay.entries("claimed")] == ["a.ch"]
