@@ -129,6 +129,20 @@ class Relay:
         open(os.path.join(self.bin, "release"), "w").close()
 
 
+@pytest.fixture(autouse=True)
+def certrelay_logger():
+    """Give each test the "certrelay" logger as it found it: a command run in-process
+    (click's CliRunner) sets up logging to stderr without propagation, and caplog in a
+    later test would then see nothing."""
+    import logging
+
+    logger = logging.getLogger("certrelay")
+    saved = logger.handlers[:], logger.propagate, logger.level
+    yield
+    logger.handlers[:], logger.propagate = saved[0], saved[1]
+    logger.setLevel(saved[2])
+
+
 @pytest.fixture
 def relay(tmp_path):
     instance = Relay(tmp_path)
