@@ -150,3 +150,73 @@ def test_peek_says_what_it_would_quarantine(config_dir):
     assert [n.name for n in notifications] == ["ok.ch"]
     assert problems == [f"would quarantine spool entry {repr(name)[:120]} in {queue}: {spool.BAD_NAME}"]
     assert quarantined(config_dir) == []
+
+
+# --- parse: what a refusal shows ------------------------------------------------------------
+
+
+def content(**overrides):
+    values = {"version": "1", "name": "a.ch", "lineage": "/etc/letsencrypt/live/a.ch", "domains": "a.ch",
+              "time": "2024-05-01T03:04:05+00:00", **overrides}
+    return "".join(f"{key}={value}\n" for key, value in values.items()).encode()
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"version": "9" * 50}, f"unsupported version {'9' * 20!r}"),
+    ({"name": "b" * 200}, f"name {'b' * 80!r} does not match the file name"),
+    ({"domains": "a.ch -" + "d" * 200}, f"bad domain {('-' + 'd' * 200)[:80]!r}"),
+    ({"time": "t" * 100}, f"time {'t' * 40!r} is not ISO 8601"),
+])
+def test_a_refusal_shows_a_bounded_part_of_the_value(overrides, message):
+    with pytest.raises(spool.InvalidNotification) as raised:
+        spool.parse(content(**overrides), "a.ch")
+
+    assert str(raised.value) == message
+
+
+def test_a_lineage_path_may_hold_any_printable_character():
+    assert spool.parse(content(lineage="/srv/XX/live/a.ch"), "a.ch").lineage == "/srv/XX/live/a.ch"
+
+
+# --- temporary files of killed hooks ------------------------------------------------------------
+
+
+def test_stale_temporary_files_are_those_older_than_the_limit(config_dir, monkeypatch):
+    tmp = os.path.join(config_dir, "certrelay", "tmp")
+    now = 2_000_000_000.0
+    for name, age in (("old", 101), ("limit", 100), ("new", 99)):
+        open(os.path.join(tmp, name), "w").close()
+        os.utime(os.path.join(tmp, name), (now - age, now - age))
+    os.mkdir(os.path.join(tmp, "old-directory"))
+    os.utime(os.path.join(tmp, "old-directory"), (now - 1000, now - 1000))
+    monkeypatch.setattr(spool.time, "time", lambda: now)
+
+    assert spool.Spool(config_dir).remove_stale_temporary(max_age=100) == ["old"]
+    assert sorted(os.listdir(tmp)) == ["limit", "new", "old-directory"]
+
+
+def test_a_temporary_file_that_vanishes_meanwhile_is_passed_over(config_dir, monkeypatch):
+    tmp = os.path.join(config_dir, "certrelay", "tmp")
+    open(os.path.join(tmp, "old"), "w").close()
+    os.utime(os.path.join(tmp, "old"), (1, 1))
+    listdir = os.listdir
+    monkeypatch.setattr(spool.os, "listdir", lambda directory: ["vanished"] + listdir(directory))
+
+    assert spool.Spool(config_dir).remove_stale_temporary() == ["old"]
+
+
+def test_stale_temporary_files_are_never_looked_for_through_a_link_nor_made(config_dir, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "tmp").mkdir(parents=True)
+    (elsewhere / "tmp" / "old").write_text("x")
+    os.utime(elsewhere / "tmp" / "old", (1, 1))
+    root = os.path.join(config_dir, "certrelay")
+    os.rmdir(os.path.join(root, "tmp"))
+
+    assert spool.Spool(config_dir).remove_stale_temporary() == []
+    assert not os.path.exists(os.path.join(root, "tmp"))
+    os.rename(root, tmp_path / "aside")
+    os.symlink(elsewhere, root)
+
+    assert spool.Spool(config_dir).remove_stale_temporary() == []
+    assert (elsewhere / "tmp" / "old").exists()
