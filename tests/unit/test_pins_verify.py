@@ -4,6 +4,9 @@ are named in a stale-chain message, and what a certificate's subject is called."
 
 import datetime
 import hashlib
+import logging
+import os
+import ssl
 
 import pytest
 from cryptography import x509
@@ -11,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from certrelay import endpoint as endpoint_module, probe, verify
+from certrelay import certificate, endpoint as endpoint_module, plan, probe, rules, verify
 
 
 def der_of(subject, issuer=None):
@@ -63,3 +66,83 @@ def test_a_subject_is_its_common_name_else_the_whole_name_else_said_to_be_missin
         "C=CH,O=Example", True)
     assert verify._facts(der_of([], issuer=other)) == ("no subject", False)
     assert verify._facts(b"not DER") == ("unparsable", False)
+
+
+# --- reading chain.pem, summaries, stale chains, expiry -------------------------------------------
+
+
+def pem(der):
+    return ssl.DER_cert_to_PEM_cert(der).encode()
+
+
+def test_pem_certificates_are_the_blocks_in_order_and_an_unfinished_one_is_passed_over():
+    first, second = der_of([(NameOID.COMMON_NAME, "one")]), der_of([(NameOID.COMMON_NAME, "two")])
+
+    assert verify.pem_certificates(b"junk\n" + pem(first) + b"between\n" + pem(second)) == [first, second]
+    assert verify.pem_certificates(pem(first) + b"-----BEGIN CERTIFICATE-----\nAAAA\n") == [first]
+    assert verify.pem_certificates(b"") == []
+
+
+def test_a_summary_is_the_serial_and_the_day_of_expiry():
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "a.ch")])
+    built = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(0x1234).not_valid_before(datetime.datetime(2020, 1, 1))
+        .not_valid_after(datetime.datetime(2031, 5, 17, 12)).sign(key, hashes.SHA256())
+    )
+
+    assert verify.summary(built.public_bytes(serialization.Encoding.DER)) == "serial 1234, expires 2031-05-17"
+
+
+@pytest.fixture
+def lineage(tmp_path):
+    """(config dir, parts of lineage a.ch issued by the intermediate R11, the DER of R11's certificate)."""
+    from tests import certs
+
+    intermediate = certs.Authority("R11", certs.Authority("Root X1"))
+    parts = certs.renew_with_chain(str(tmp_path), "a.ch", intermediate)
+    return str(tmp_path), parts, ssl.PEM_cert_to_DER_cert(intermediate.pem.decode())
+
+
+def test_the_leaf_itself_is_never_an_intermediate_sent_or_wanted(lineage):
+    config_dir, parts, r11 = lineage
+    leaf = ssl.PEM_cert_to_DER_cert(parts["cert"].decode())
+    endpoint = endpoint_module.parse_endpoint("tls://127.0.0.1:1")
+
+    sent_again = probe.Served(endpoint, None, leaf, None, chain=(leaf, r11))
+    assert verify.Fingerprints(config_dir).stale_chain("a.ch", sent_again) is None
+    with open(os.path.join(config_dir, "live", "a.ch", "chain.pem"), "wb") as file:
+        file.write(parts["cert"] + parts["chain"])
+    in_chain_pem = probe.Served(endpoint, None, leaf, None, chain=(r11,))
+    assert verify.Fingerprints(config_dir).stale_chain("a.ch", in_chain_pem) is None
+
+
+def test_a_lineage_without_chain_pem_is_not_compared_and_says_why_in_the_debug_log(lineage, caplog):
+    config_dir, parts, _ = lineage
+    os.unlink(os.path.join(config_dir, "live", "a.ch", "chain.pem"))
+    with pytest.raises(certificate.CertificateError) as raised:
+        certificate.read_beneath(config_dir, "live/a.ch/chain.pem", certificate.MAX_CERTIFICATE)
+    caplog.set_level(logging.DEBUG, logger="certrelay.verify")
+
+    assert verify.Fingerprints(config_dir).live_chain("a.ch") is None
+
+    assert [record.getMessage() for record in caplog.records] == [
+        f"not comparing the chains served for a.ch: {raised.value}"]
+
+
+def test_an_expiry_alarm_only_for_a_certificate_close_to_expiry(lineage, tmp_path, caplog):
+    from tests import certs
+
+    settings = rules.parse(b'[[rule]]\nmatch = ["*"]\nreload = ["x"]\n', "rules.toml").settings
+    check = plan.Check("a.ch", endpoint_module.parse_endpoint("tls://127.0.0.1:1"), None, (), True, frozenset())
+    fresh, _ = certs.make_certificate(["a.ch"])
+    old, _ = certs.make_certificate(["a.ch"], days=90, age_days=88)
+    caplog.set_level(logging.DEBUG, logger="certrelay.verify")
+
+    for pem_data in (fresh, old):
+        der = ssl.PEM_cert_to_DER_cert(pem_data.decode())
+        verify.expiry_alarm(verify.Verdict(check, "current", probe.Served(check.endpoint, None, der, None)), settings)
+
+    [alarm] = [record.getMessage() for record in caplog.records]
+    assert alarm.startswith("tls://127.0.0.1:1 serves a certificate that expires in 2.0 days (critical)")
