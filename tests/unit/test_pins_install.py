@@ -167,3 +167,12 @@ def test_a_root_owned_directory_writable_only_by_root_is_safe():
 ])
 def test_an_unsafe_directory_is_named_with_its_fix(info, messages):
     assert install.unsafe_directory("/srv/d", info) == messages
+
+
+@pytest.mark.parametrize(("dest", "fixed"), [
+    ("/etc/haproxy/certs/site.pem", "/etc/haproxy/certs/site.pem"),
+    ("/etc/{name}/certs/{name}.pem", "/etc/"),
+    ("/{name}.pem", "/"),
+])
+def test_the_fixed_part_of_a_destination_ends_before_its_first_placeholder(dest, fixed):
+    assert install.fixed_part(dest) == fixed

@@ -107,6 +107,7 @@ def test_pending_names_are_the_visible_queue_entries_open_or_not(config_dir):
 
 @pytest.mark.parametrize(("name", "safe"), [
     ("Bad Name!", "Bad_Name_"),
+    ("X Y", "X_Y"),
     ("..Evil..", "Evil.."),
     ("...", "entry"),
     ("-" + "A" * 150, "-" + "A" * 99),
@@ -123,6 +124,18 @@ def test_an_invalid_queue_entry_is_quarantined_under_a_safe_name(config_dir, nam
         f"quarantined spool entry {shown}: {spool.BAD_NAME}; kept as"
         f" {os.path.join(config_dir, 'certrelay', 'quarantine', kept)}"
     ]
+
+
+def test_entries_quarantined_within_one_tick_of_the_clock_keep_names_of_their_own(config_dir, monkeypatch):
+    """A coarse clock: "a b" and "a!b" both become a_b@ID; the second must not replace the first."""
+    monkeypatch.setattr(spool.time, "time_ns", lambda: 1796000000000000000)
+    publish(config_dir, "a b")
+    publish(config_dir, "a!b")
+
+    _, problems = claim(config_dir)
+
+    assert len(problems) == 2
+    assert quarantined(config_dir) == ["a_b@1796000000000000000", "a_b@1796000000000000001"]
 
 
 def test_an_invalid_claimed_entry_is_named_as_the_queue_entry_it_was(config_dir):

@@ -64,6 +64,9 @@ def test_a_subject_is_its_common_name_else_the_whole_name_else_said_to_be_missin
     assert verify._facts(der_of([(NameOID.COMMON_NAME, "R11")], issuer=other)) == ("CN=R11", False)
     assert verify._facts(der_of([(NameOID.ORGANIZATION_NAME, "Example"), (NameOID.COUNTRY_NAME, "CH")])) == (
         "C=CH,O=Example", True)
+    # the common name alone, though the subject has more (an intermediate's usually has)
+    assert verify._facts(der_of([(NameOID.COUNTRY_NAME, "US"), (NameOID.ORGANIZATION_NAME, "Let's Encrypt"),
+                                 (NameOID.COMMON_NAME, "R11")], issuer=other)) == ("CN=R11", False)
     assert verify._facts(der_of([], issuer=other)) == ("no subject", False)
     assert verify._facts(b"not DER") == ("unparsable", False)
 
