@@ -59,6 +59,7 @@ def memo(relay):
     ({"quarantined": 1}, "0 notification(s), 0/0 action(s) done, 1 quarantined"),
     ({"unannounced": 1, "actions": 1}, "0 notification(s), 1 renewal(s) found without one, 1/1 action(s) done"),
     ({"below_warning": 2}, "0 notification(s), 0/0 action(s) done, 2 certificate(s) close to expiry"),
+    ({"failed_renewals": 1}, "0 notification(s), 0/0 action(s) done, 1 renewal(s) failed in the container"),
     ({"notifications": 9, "unannounced": 1, "actions": 5, "failed": 2, "verified": 3, "unverified": 1, "kept": 2,
       "deferred": 1, "unchanged": 4, "unmatched": 1, "unreadable": 1, "quarantined": 2, "below_warning": 1,
       "undated": 1, "overdue": 1},

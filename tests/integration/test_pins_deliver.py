@@ -7,6 +7,7 @@ On the real file system, as root."""
 import errno
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import threading
@@ -167,6 +168,16 @@ def test_a_password_file_that_cannot_be_right_is_refused(root, data, message):
     assert str(raised.value) == f"the password file {path} {message}"
 
 
+def test_a_password_file_of_a_terabyte_is_refused_without_reading_it(root):
+    path = password_file(root, b"")
+    os.truncate(path, 2 ** 40)  # sparse: no disk space, but no memory holds it either
+
+    with pytest.raises(deliver.DeliveryError) as raised:
+        deliver.read_password(path)
+
+    assert str(raised.value) == f"the password file {path} has more than 4096 bytes; is it the right file?"
+
+
 @pytest.mark.skipif(not shutil.which("openssl"), reason="needs openssl")
 def test_a_keystore_uses_pbes2_aes_256_and_a_sha_256_mac(lineage):
     _, parts = lineage
@@ -253,6 +264,19 @@ def test_open_directory_refuses_a_directory_that_became_unsafe(out):
     os.close(deliver.open_directory(out))
 
 
+def test_open_directory_names_every_problem_of_a_directory_that_became_unsafe(out):
+    os.chown(out, 65534, 0)
+    os.chmod(out, 0o775)
+
+    with pytest.raises(deliver.DeliveryError) as raised:
+        deliver.open_directory(out)
+
+    assert str(raised.value) == (
+        f"the directory {out} is owned by uid 65534, not root, so that user could redirect what root writes;"
+        f" fix: chown root {out}, or deliver elsewhere; the directory {out} is writable by group or others"
+        f" (mode 0775), so they could redirect what root writes; fix: chmod go-w {out}")
+
+
 # --- the destination file -----------------------------------------------------------------
 
 
@@ -273,6 +297,17 @@ def test_existing_file_refuses_anything_but_a_regular_file(out, kind, word):
         os.close(descriptor)
 
     assert str(raised.value) == f"{path} is a {word}, not a regular file; remove it or fix dest"
+
+
+def test_a_destination_swapped_for_a_fifo_after_the_check_is_named_when_refused(out, monkeypatch):
+    path = os.path.join(out, "x.pem")
+    os.mkfifo(path)
+    monkeypatch.setattr(install, "destination_problems", lambda spec, path: [])  # checked before the swap
+
+    with pytest.raises(deliver.DeliveryError) as raised:
+        deliver.write(install.Install(line=1, dest=path, content=("cert",)), path, b"data")
+
+    assert str(raised.value) == f"{path} is a FIFO, not a regular file; remove it or fix dest"
 
 
 def test_unchanged_never_reads_through_a_link(out):
@@ -382,6 +417,20 @@ def test_a_temp_name_fits_a_file_name_as_long_as_it_can_be(out):
     assert str(raised.value) == f"cannot create a temp file next to {base}b: File name too long"
 
 
+def test_a_temp_file_is_made_readable_by_root_alone(out):
+    previous = os.umask(0)  # whatever the umask: the key goes in before the mode is set
+    descriptor = opened(out)
+    try:
+        name, temp = deliver.create_temp_file(descriptor, "x.pem")
+        os.close(temp)
+        mode = stat.S_IMODE(os.stat(name, dir_fd=descriptor).st_mode)
+    finally:
+        os.close(descriptor)
+        os.umask(previous)
+
+    assert mode == 0o600
+
+
 def test_a_temp_file_is_never_one_that_exists(out, monkeypatch):
     monkeypatch.setattr(deliver.secrets, "token_hex", lambda size: "0" * 2 * size)
     taken = f".x.pem.certrelay-{os.getpid()}-{'0' * 16}"
@@ -414,7 +463,8 @@ def test_a_link_named_like_a_stale_temp_file_is_left_alone(out):
 
 
 def test_asking_whether_a_process_exists_does_not_signal_it():
-    child = subprocess.Popen(["sleep", "30"])
+    # SIGHUP at its default: under nohup the child would ignore it, and signal 1 pass unseen
+    child = subprocess.Popen(["sleep", "30"], preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     try:
         assert deliver.process_exists(child.pid)
         with pytest.raises(subprocess.TimeoutExpired):
