@@ -266,6 +266,23 @@ def test_a_batch_with_nothing_to_do_keeps_nothing(relay, process):
     assert not os.path.exists(path) or json.load(open(path, encoding="utf-8")) == {}
 
 
+def test_a_renewal_that_failed_at_certbots_last_attempt_is_counted_and_alarmed(relay, process):
+    """The post hook's record names herzbube.ch as failed (test_attempts.py: the same
+    through `certrelay run`, which mutmut does not run)."""
+    from tests.integration.test_attempts import record
+
+    relay.write_rules('[settings]\nmin-interval = 0\noverdue-grace = "20d"\n\n[[rule]]\nmatch = ["*"]\n'
+                      'reload = ["apache2"]\n')
+    for name in ("herzbube.ch", "moser-naef.ch"):
+        certs.renew(relay.config_dir, name, age_days=61)
+    assert process().failed_renewals == 0
+    record(relay, time.time() - 3600, failed="herzbube.ch *.herzbube.ch")
+
+    outcome = process()
+
+    assert (outcome.failed_renewals, outcome.alarmed) == (1, 1)
+
+
 def test_a_replay_of_a_notification_kept_from_a_flaky_unit_is_still_retried(relay, process):
     """a.ch@1 waits for exim4 (failed), a.ch@2 (a replay) for dovecot (failed now): when
     a.ch@1 is done the ledger holds the certificate, and a.ch@2 must not be dropped as
