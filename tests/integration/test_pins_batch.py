@@ -283,6 +283,19 @@ def test_a_renewal_that_failed_at_certbots_last_attempt_is_counted_and_alarmed(r
     assert (outcome.failed_renewals, outcome.alarmed) == (1, 1)
 
 
+def test_a_batch_keeps_what_it_read_of_each_certificate_in_the_state_dir(relay, process):
+    """lineages.json: the next run (a new process) parses only the certificates that changed."""
+    relay.write_rules(UNITS)
+    pem = certs.renew(relay.config_dir, "a.ch")
+
+    process()
+
+    with open(os.path.join(relay.state_dir, "lineages.json"), encoding="utf-8") as file:
+        kept = json.load(file)
+    assert list(kept) == ["a.ch"]
+    assert kept["a.ch"]["sha256"] == hashlib.sha256(certificate.pem_to_der(pem)).hexdigest()
+
+
 def test_a_replay_of_a_notification_kept_from_a_flaky_unit_is_still_retried(relay, process):
     """a.ch@1 waits for exim4 (failed), a.ch@2 (a replay) for dovecot (failed now): when
     a.ch@1 is done the ledger holds the certificate, and a.ch@2 must not be dropped as
