@@ -4,6 +4,7 @@ too slow to run for every mutant): a spool directory replaced by a link or a fil
 name an invalid entry gets in quarantine/, what is pending, and whole messages."""
 
 import os
+import stat
 
 import pytest
 
@@ -70,6 +71,34 @@ def test_without_create_a_replaced_spool_directory_is_only_reported(config_dir):
 
     assert notifications == [] and quarantined(config_dir) == []
     assert problems == [f"would quarantine the spool directory {path}: it is a regular file, not a directory"]
+
+
+def test_spool_directories_are_made_0755_even_with_umask_0(tmp_path):
+    previous = os.umask(0)
+    try:
+        with spool.Spool(str(tmp_path)).opened(create=True):
+            pass
+    finally:
+        os.umask(previous)
+
+    root = tmp_path / "certrelay"
+    assert {name: oct(stat.S_IMODE(os.stat(root / name).st_mode)) for name in os.listdir(root)} == {
+        "queue": "0o755", "claimed": "0o755", "quarantine": "0o755"}
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o755
+
+
+def test_a_spool_directory_another_process_makes_at_the_same_moment_is_opened(tmp_path, monkeypatch):
+    make = os.mkdir
+
+    def racing(name, mode=0o777, *, dir_fd=None):
+        make(name, mode, dir_fd=dir_fd)  # the other process, between our open and our mkdir
+        make(name, mode, dir_fd=dir_fd)  # ours: FileExistsError
+
+    monkeypatch.setattr(os, "mkdir", racing)
+    with spool.Spool(str(tmp_path)).opened(create=True) as opened:
+        assert opened.claim() == ([], [])
+
+    assert sorted(os.listdir(tmp_path / "certrelay")) == ["claimed", "quarantine", "queue"]
 
 
 def test_describe_entry_says_what_an_entry_is(tmp_path):
