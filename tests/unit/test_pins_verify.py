@@ -149,3 +149,18 @@ def test_an_expiry_alarm_only_for_a_certificate_close_to_expiry(lineage, tmp_pat
 
     [alarm] = [record.getMessage() for record in caplog.records]
     assert alarm.startswith("tls://127.0.0.1:1 serves a certificate that expires in 2.0 days (critical)")
+
+
+def test_after_a_batch_each_verdict_is_logged_once(lineage, monkeypatch, caplog):
+    config_dir, parts, r11 = lineage
+    leaf = ssl.PEM_cert_to_DER_cert(parts["cert"].decode())
+    check = plan.Check("a.ch", endpoint_module.parse_endpoint("tls://127.0.0.1:1"), None, (), True, frozenset())
+    monkeypatch.setattr(probe, "fetch_many", lambda targets, timeout: [
+        probe.Served(check.endpoint, None, leaf, None, chain=(r11,)) for _ in targets])
+    settings = rules.parse(b'[[rule]]\nmatch = ["*"]\nreload = ["x"]\n', "rules.toml").settings
+    caplog.set_level(logging.INFO, logger="certrelay.verify")
+
+    verdicts, restarted = verify.verify_and_escalate([check], config_dir, settings, {})
+
+    assert [verdict.outcome for verdict in verdicts] == ["current"] and restarted == {}
+    assert [record.getMessage() for record in caplog.records] == [f"verified: {verdicts[0].describe()}"]
