@@ -33,7 +33,7 @@ TEST_PACKAGES = make python3 python3-venv python3-pip python3-click python3-pyin
 	pebble openssl ca-certificates util-linux mount postfix dovecot-imapd dovecot-pop3d dovecot-managesieved prosody \
 	systemd systemd-container mmdebstrap \
 	build-essential debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
-	lintian man-db
+	lintian man-db apprise
 
 UNITS = certrelay.path certrelay.service certrelay-retry.timer certrelay-watch.service \
         certbot-docker-renew.service certbot-docker-renew.timer
@@ -143,7 +143,7 @@ test-system:
 # The venv is made again when PYTHON_NEWEST changes, and brought to the newest
 # releases on every run (that is its point).
 NEWEST_REQUIREMENTS = click pyinotify sdnotify 'pyasyncore; python_version >= "3.12"' cryptography \
-	pytest hypothesis
+	pytest hypothesis apprise
 test-newest:
 	@if [ "$$(cat $(VENV_NEWEST)/made-with 2>/dev/null)" != "$(PYTHON_NEWEST)" ]; then \
 		rm -rf $(VENV_NEWEST) && $(PYTHON_NEWEST) -m venv $(VENV_NEWEST) && \
@@ -151,7 +151,7 @@ test-newest:
 	$(VENV_NEWEST)/bin/pip install -q --upgrade $(NEWEST_REQUIREMENTS)
 	@$(VENV_NEWEST)/bin/python -c 'import importlib.metadata as m, platform, sys; \
 		print("test-newest: Python", platform.python_version(), "(" + sys.argv[1] + ") with", \
-		", ".join(n + " " + m.version(n) for n in ("click", "cryptography", "pyinotify", "sdnotify")))' \
+		", ".join(n + " " + m.version(n) for n in ("click", "cryptography", "pyinotify", "sdnotify", "apprise")))' \
 		"$(PYTHON_NEWEST)"
 	$(STRICT) $(VENV_NEWEST)/bin/python -m pytest $(PYTEST_FLAGS) -m "not e2e" tests
 

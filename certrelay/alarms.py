@@ -13,10 +13,13 @@ failed    certbot's last attempt (attempts.py, from its post hook) failed to ren
 stopped   a selected lineage has been due longer than `stopped-after` and certbot
           recorded no attempt since: certbot is not running (its timer, its cron line).
 
-Each is logged as an error at most once a day (the time it was last raised is kept in
-STATE_DIR/status.json, "alarms"), so that `run` exits 1 and cron mails once a day.
+Each function here returns the problems that stand now (`Problem`s); `sound` logs
+each as an error at most once a day (the time it was last raised is kept in
+STATE_DIR/status.json, "alarms"), so that `run` exits 1 and cron mails once a day, and
+alerts.py sends them through the [alert] channels.
 """
 
+import dataclasses
 import logging
 import os
 import time
@@ -33,6 +36,35 @@ RENEWED_SINCE = 2 * 3600  # a certificate issued this long before an attempt cou
 POST_HOOK = "renewal-hooks/post/certrelay-post-hook"
 
 
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """A problem that stands now: `key` names it across runs (a lineage name, or one of
+    the prefixes above and a name), `subject` in a few words, `message` in full.
+    `since`: when this occurrence began, for one said at once even if said within the
+    day (a new failed attempt); 0 for "once a day"."""
+
+    key: str
+    subject: str
+    message: str
+    since: float = 0
+    level: str = "error"  # or "warning", for alerts (alerts.py)
+
+
+def sound(problems, recorder, now):
+    """Log each of `problems` as an error unless it was raised in the last day (or a
+    new occurrence, `since`, is not yet said); return how many were logged."""
+    raised = recorder.data["alarms"]
+    count = 0
+    for problem in problems:
+        if (problem.since and raised.get(problem.key + " at", 0) < problem.since) or due(recorder, problem.key, now):
+            raised[problem.key] = now
+            if problem.since:
+                raised[problem.key + " at"] = problem.since
+            logger.error("%s", problem.message)
+            count += 1
+    return count
+
+
 def due(recorder, key, now):
     """Return True, and note `now` in `recorder` (status.Recorder), if the alarm `key`
     was not raised in the last ALARM_EVERY seconds."""
@@ -42,15 +74,10 @@ def due(recorder, key, now):
     return True
 
 
-def expiry_alarms(scanned, rules, recorder):
-    """Log an error for every live certificate of `scanned` (lineages.Lineage)
-    selected by `rules` that is below the expiry warning, at most once a day per
-    lineage.
-
-    Return (the names alarmed now, the names below the warning): `run` exits 1 for the
-    first, so that cron mails once a day; the daemon's STATUS counts the second.
-    """
-    now, alarmed, below = time.time(), [], []
+def expiry_alarms(scanned, rules, now):
+    """Return a Problem for every live certificate of `scanned` (lineages.Lineage)
+    selected by `rules` that is below the expiry warning at `now`."""
+    found = []
     settings = rules.settings
     for lineage in scanned:
         if lineage.facts is None:
@@ -58,23 +85,18 @@ def expiry_alarms(scanned, rules, recorder):
         level = durations.level(lineage, now, settings["expiry-warning"], settings["expiry-critical"])
         if level == "ok" or not rules.matching(lineage.name, lineage.domains):
             continue
-        below.append(lineage.name)
-        if not due(recorder, lineage.name, now):
-            continue
-        alarmed.append(lineage.name)
         days = lineage.info.days_left(now)
         state_words = "has EXPIRED" if days < 0 else f"expires in {days:.1f} days"
-        logger.error(
-            "%s: the live certificate %s (%s, not after %s): renewal is probably failing where certbot runs;"
-            " look at its log (e.g. docker logs, /var/log/letsencrypt/letsencrypt.log) for the DNS or account"
-            " error, then run certbot renew", lineage.name, state_words, level,
-            time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(lineage.info.not_after)),
-        )
-    return alarmed, below
+        found.append(Problem(lineage.name, f"{lineage.name} {state_words}", level=level if days >= 0 else "error",
+                             message=(
+            f"{lineage.name}: the live certificate {state_words} ({level}, not after {utc(lineage.info.not_after)}):"
+            " renewal is probably failing where certbot runs; look at its log (e.g. docker logs,"
+            " /var/log/letsencrypt/letsencrypt.log) for the DNS or account error, then run certbot renew")))
+    return found
 
 
 def undated(scanned, rules, config_dir):
-    """Return [(alarm key, certificates, message)] for the lineages of `scanned` whose dates cannot
+    """Return [(Problem, certificates)] for the lineages of `scanned` whose dates cannot
     be read: one for all when python3-cryptography is missing (their domains are
     unknown too, so every lineage counts), and one for each other that a rule selects
     by name."""
@@ -84,13 +106,15 @@ def undated(scanned, rules, config_dir):
     found = []
     if missing:
         names = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
-        found.append((LIBRARY, len(missing),
-                      f"{len(missing)} certificate(s) ({names}) without dates: {certinfo.NO_CRYPTOGRAPHY}"))
+        found.append((Problem(LIBRARY, "certificates without dates (python3-cryptography)",
+                              f"{len(missing)} certificate(s) ({names}) without dates: {certinfo.NO_CRYPTOGRAPHY}"),
+                      len(missing)))
     for lineage in scanned:
         if lineage.facts is None and not lineage.no_cryptography and rules.matching(lineage.name, ()) \
                 and not readable_now(config_dir, lineage.name):
-            found.append((lineage.name, 1, f"{lineage.name}: the dates of the live certificate cannot be read, so no"
-                                        f" expiry alarm can fire for it: {lineage.error}"))
+            found.append((Problem(lineage.name, f"{lineage.name} without dates",
+                                  f"{lineage.name}: the dates of the live certificate cannot be read, so no"
+                                  f" expiry alarm can fire for it: {lineage.error}"), 1))
     return found
 
 
@@ -106,39 +130,31 @@ def readable_now(config_dir, name):
     return True
 
 
-def undated_alarms(scanned, rules, recorder, config_dir):
-    """Log each of `undated(scanned, rules, config_dir)` as an error, at most once a day each.
+def undated_alarms(scanned, rules, config_dir):
+    """Return (the Problems of `undated(scanned, rules, config_dir)`, the number of
+    certificates without dates)."""
+    found = undated(scanned, rules, config_dir)
+    return [problem for problem, _ in found], sum(count for _, count in found)
 
-    Return (the keys alarmed now, the number of certificates without dates).
+
+def overdue_alarms(scanned, rules, config_dir, now):
+    """Return the Problems at `now`: each lineage of `scanned` selected by `rules` that
+    is overdue (not renewed `overdue-grace` after certbot's policy renews it), and each
+    whose policy cannot be read.
+
+    Return (the Problems, the names overdue, the first time after now at which another
+    selected lineage becomes overdue, or None, and {name: when certbot's policy renews
+    it} for the selected lineages whose policy was read).
     """
-    now, alarmed, count = time.time(), [], 0
-    for key, certificates, message in undated(scanned, rules, config_dir):
-        count += certificates
-        if due(recorder, key, now):
-            alarmed.append(key)
-            logger.error("%s", message)
-    return alarmed, count
-
-
-def overdue_alarms(scanned, rules, recorder, config_dir):
-    """Log an error, at most once a day per lineage, for each lineage of `scanned`
-    selected by `rules` that is overdue (not renewed `overdue-grace` after certbot's
-    policy renews it), and for each whose policy cannot be read.
-
-    Return (the keys alarmed now, the names overdue, the first time after now at
-    which another selected lineage becomes overdue, or None, and {name: when certbot's
-    policy renews it} for the selected lineages whose policy was read).
-    """
-    now, grace, alarmed, overdue, upcoming = time.time(), rules.settings["overdue-grace"], [], [], []
+    grace, problems, overdue, upcoming = rules.settings["overdue-grace"], [], [], []
     with certificate.Tree(config_dir) as tree:  # config dir and renewal/ opened once, not per lineage
         found = [(lineage, *policy_of(config_dir, lineage, tree)) for lineage in scanned
                  if lineage.facts is not None and rules.matching(lineage.name, lineage.domains)]
     due_at = {lineage.name: renew_at for lineage, renew_at, _, error in found if error is None and renew_at}
     for lineage, renew_at, policy, error in found:
         if error is not None:
-            if due(recorder, POLICY + lineage.name, now):
-                alarmed.append(POLICY + lineage.name)
-                logger.error("%s: cannot tell whether its renewal is overdue: %s", lineage.name, error)
+            problems.append(Problem(POLICY + lineage.name, f"{lineage.name}: renewal policy unreadable",
+                                    f"{lineage.name}: cannot tell whether its renewal is overdue: {error}"))
             continue
         if renew_at is None:
             continue
@@ -146,43 +162,41 @@ def overdue_alarms(scanned, rules, recorder, config_dir):
             upcoming.append(renew_at + grace)
             continue
         overdue.append(lineage.name)
-        if due(recorder, OVERDUE + lineage.name, now):
-            alarmed.append(OVERDUE + lineage.name)
-            logger.error(
-                "%s: renewal OVERDUE: certbot should have renewed it from %s (%s) and has not for %s; look at"
-                " the output of the certbot container (docker logs, or the mail of the README's cron line) for"
-                " the DNS or account error, then run certbot renew", lineage.name,
-                time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(renew_at)), policy.describe(),
-                durations.format_duration(now - renew_at),
-            )
-    return alarmed, overdue, min(upcoming, default=None), due_at
+        problems.append(Problem(OVERDUE + lineage.name, f"renewal of {lineage.name} overdue", (
+            f"{lineage.name}: renewal OVERDUE: certbot should have renewed it from {utc(renew_at)}"
+            f" ({policy.describe()}) and has not for {durations.format_duration(now - renew_at)}; look at the"
+            " output of the certbot container (docker logs, or the mail of the README's cron line) for the DNS"
+            " or account error, then run certbot renew")))
+    return problems, overdue, min(upcoming, default=None), due_at
 
 
-def attempt_alarms(scanned, rules, recorder, config_dir, due_at):
-    """Log an error for each selected lineage of `scanned` whose renewal failed at
-    certbot's last recorded attempt and that has not renewed since (at once for a new
-    attempt, then once a day), and once a day if certbot stopped trying (`due_at`:
-    {name: when certbot's policy renews it}, from overdue_alarms). Before the first
-    recorded attempt, say nothing.
+def attempt_alarms(scanned, rules, config_dir, due_at, now):
+    """Return the Problems at `now` of certbot's renewal attempts: each selected
+    lineage of `scanned` whose renewal failed at certbot's last recorded attempt and
+    that has not renewed since (said at once for a new attempt), and certbot having
+    stopped trying (`due_at`: {name: when certbot's policy renews it}, from
+    overdue_alarms). Before the first recorded attempt, nothing.
 
-    Return (the keys alarmed now, the names whose renewal failed).
+    Return (the Problems, the names whose renewal failed).
     """
-    now, alarmed, failed = time.time(), [], []
+    problems, failed = [], []
     try:
         attempt = attempts.read(config_dir)
     except attempts.AttemptError as error:
-        if due(recorder, ATTEMPT, now):
-            alarmed.append(ATTEMPT)
-            logger.error("cannot tell whether certbot's renewals fail: %s", error)
-        return alarmed, failed
+        return [Problem(ATTEMPT, "renewal attempts unreadable",
+                        f"cannot tell whether certbot's renewals fail: {error}")], failed
     if attempt is None:
-        return alarmed, failed
-    said = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(attempt.time))
+        return problems, failed
+    said = utc(attempt.time)
     stopped = []
     for lineage in scanned:
         if lineage.facts is None or not rules.matching(lineage.name, lineage.domains):
             continue
-        renewed_since = lineage.not_before > attempt.time - RENEWED_SINCE
+        # Where certbot names the failed domains, a certificate issued before the attempt
+        # is the one that failed to renew (even one issued minutes before); a renewal
+        # since then by `certbot renew` records a new attempt. Where it does not, one
+        # issued up to RENEWED_SINCE before the attempt counts as renewed by it.
+        renewed_since = lineage.not_before > attempt.time - (0 if attempt.known else RENEWED_SINCE)
         renew_at = due_at.get(lineage.name)
         if renew_at is not None and attempt.time < renew_at and now - renew_at > rules.settings["stopped-after"]:
             stopped.append((renew_at, lineage.name))
@@ -190,22 +204,21 @@ def attempt_alarms(scanned, rules, recorder, config_dir, due_at):
                                  else renew_at is not None and renew_at <= attempt.time):
             continue
         failed.append(lineage.name)
-        said_for = recorder.data["alarms"].get(FAILED + lineage.name + " at", 0)  # the attempt last said
-        if said_for < attempt.time or due(recorder, FAILED + lineage.name, now):
-            recorder.data["alarms"].update({FAILED + lineage.name: now, FAILED + lineage.name + " at": attempt.time})
-            alarmed.append(FAILED + lineage.name)
-            why = ("certbot's post hook named its domains as failed" if attempt.known else
-                   "it was due and did not change; this certbot does not say which renewals failed")
-            logger.error("%s: renewal FAILED in the container at %s (%s); look at the output of the certbot"
-                         " container for the DNS or account error, then run certbot renew", lineage.name, said, why)
-    installed = os.path.exists(os.path.join(config_dir, POST_HOOK))
-    if stopped and installed and due(recorder, STOPPED, now):
+        why = ("certbot's post hook named its domains as failed" if attempt.known else
+               "it was due and did not change; this certbot does not say which renewals failed")
+        problems.append(Problem(FAILED + lineage.name, f"renewal of {lineage.name} FAILED", (
+            f"{lineage.name}: renewal FAILED in the container at {said} ({why}); look at the output of the"
+            " certbot container for the DNS or account error, then run certbot renew"), since=attempt.time))
+    if stopped and os.path.exists(os.path.join(config_dir, POST_HOOK)):
         renew_at, name = min(stopped)
-        alarmed.append(STOPPED)
-        logger.error("certbot has recorded no renewal attempt since %s, though %s has been due since %s: is the"
-                     " container's cron line, or certbot-docker-renew.timer, still running?", said, name,
-                     time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(renew_at)))
-    return alarmed, failed
+        problems.append(Problem(STOPPED, "certbot stopped renewing", (
+            f"certbot has recorded no renewal attempt since {said}, though {name} has been due since"
+            f" {utc(renew_at)}: is the container's cron line, or certbot-docker-renew.timer, still running?")))
+    return problems, failed
+
+
+def utc(seconds):
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(seconds))
 
 
 def policy_of(config_dir, lineage, tree):

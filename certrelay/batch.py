@@ -47,13 +47,14 @@ class Outcome:
     undated: int = 0  # certificates whose dates cannot be read
     overdue: int = 0  # certificates not renewed in time by certbot's own policy
     failed_renewals: int = 0  # certificates whose renewal failed at certbot's last attempt
+    unsent: int = 0  # alerts that a channel could not take (alerts.py: sent again by the next batch)
     dry_run: bool = False
     deferred_until: float = None
 
     @property
     def ok(self):
         return not (self.kept or self.quarantined or self.failed or self.unreadable or self.unverified
-                    or self.alarmed)
+                    or self.alarmed or self.unsent)
 
     @property
     def settled(self):
@@ -65,7 +66,7 @@ class Outcome:
     def summary(self):
         """Return one line a person can read, e.g. for the daemon's STATUS=."""
         if not (self.notifications or self.unannounced or self.quarantined or self.below_warning or self.undated
-                or self.overdue or self.failed_renewals):
+                or self.overdue or self.failed_renewals or self.unsent):
             return "nothing pending"
         parts = [f"{self.notifications} notification(s)"]
         if self.unannounced:
@@ -83,6 +84,7 @@ class Outcome:
             (self.undated, "certificate(s) whose dates cannot be read"),
             (self.overdue, "renewal(s) overdue"),
             (self.failed_renewals, "renewal(s) failed in the container"),
+            (self.unsent, "alert(s) not sent"),
         ):
             if count:
                 parts.append(f"{count} {words}")
@@ -126,6 +128,8 @@ class Batch:
         self.scanned, self.facts = [], {}  # every lineage under live/, read once per batch
         self.fingerprints = {}  # entry -> fingerprint of the live certificate
         self.overdue_from = None  # when the next selected lineage becomes overdue (alarms.overdue_alarms)
+        self.quarantined = []  # what the spool said of each entry it quarantined in this batch
+        self.alerter = None  # alerts.Alerter, with an [alert] table
         self.said = {"drop": "dropped", "skip": "skipped", "defer": "deferred"}
         if dry_run:
             self.said = {word: "would " + word for word in self.said}
@@ -144,6 +148,7 @@ class Batch:
         for problem in problems:
             logger.error("%s", problem)
         outcome = Outcome(quarantined=len(problems), dry_run=self.dry_run)
+        self.quarantined = problems
         self.scanned = self.scanner.scan()
         self.facts = {lineage.name: lineage.facts for lineage in self.scanned}
         known = {lineage.name: lineage.fingerprint for lineage in self.scanned if lineage.fingerprint}
@@ -187,17 +192,25 @@ class Batch:
         """Raise the alarms, save the state, write the metrics; return `outcome`."""
         if self.dry_run:
             return outcome
-        expiring, below = alarms.expiry_alarms(self.scanned, self.rules, self.recorder)
-        undated_now, undated = alarms.undated_alarms(self.scanned, self.rules, self.recorder, self.config_dir)
-        overdue_now, overdue, self.overdue_from, due_at = alarms.overdue_alarms(
-            self.scanned, self.rules, self.recorder, self.config_dir)
-        failed_now, failed = alarms.attempt_alarms(self.scanned, self.rules, self.recorder, self.config_dir, due_at)
-        outcome.alarmed = len(expiring + undated_now + overdue_now + failed_now)
-        outcome.below_warning, outcome.undated = len(below), undated
-        outcome.overdue, outcome.failed_renewals = len(overdue), len(failed)
+        scanned, rules, config_dir, clock = self.scanned, self.rules, self.config_dir, time.time()
+        expiring = alarms.expiry_alarms(scanned, rules, clock)
+        undated, outcome.undated = alarms.undated_alarms(scanned, rules, config_dir)
+        overdue, overdue_names, self.overdue_from, due_at = alarms.overdue_alarms(scanned, rules, config_dir, clock)
+        failed, failed_names = alarms.attempt_alarms(scanned, rules, config_dir, due_at, clock)
+        problems = expiring + undated + overdue + failed
+        outcome.alarmed = alarms.sound(problems, self.recorder, clock)
+        outcome.below_warning = len(expiring)
+        outcome.overdue, outcome.failed_renewals = len(overdue_names), len(failed_names)
         self.stores.save()
         self.scanner.save()
         self.recorder.finished(now, self.progress.data)
+        if rules.alert:
+            from certrelay import alerts  # only rules with an [alert] table pay for it
+
+            self.alerter = alerts.Alerter(rules.alert, self.state_dir, rules.settings["timeout"])
+            problems += alerts.kept_problems(self.recorder.data["kept"])
+            outcome.unsent = self.alerter.update(problems, alerts.quarantine_events(self.quarantined), clock,
+                                                 outcome.ok)
         if self.rules.settings["metrics"]:
             taken = status.snapshot(self.config_dir, self.rules, self.state_dir, scanned=self.scanned)
             status.write_metrics(self.rules.settings["metrics"], taken)
@@ -211,7 +224,10 @@ class Batch:
         the host, not on the rules file's bytes, and every run must make them."""
         try:
             rules = self.rules
-            if (outcome.settled and not self.progress.data and not rules.settings["metrics"]
+            # Not with a ping (every run pings) or a problem standing (only a batch sees
+            # it clear) or an alert waiting to be sent.
+            alerting = rules.alert and (rules.alert.ping or not self.alerter.quiet)
+            if (outcome.settled and not self.progress.data and not rules.settings["metrics"] and not alerting
                     and not any(rule.install for rule in rules.rules)):
                 # At least one full batch a day, which also checks the rules' surroundings again.
                 until = alarms.warning_due(self.scanned, rules, min(now + idle.AT_LEAST_DAILY,

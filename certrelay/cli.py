@@ -185,7 +185,9 @@ def check(config_dir, rules_path, state_dir, rules_only):
     if os.path.isdir("/run/systemd/system"):
         problems += unit_problems(rules)
     problems += install_problems(rules, config_dir)
-    problems += [message for _, _, message in alarms.undated(lineages.Scanner(config_dir, None).scan(), rules, config_dir)]
+    problems += [problem.message for problem, _ in alarms.undated(lineages.Scanner(config_dir, None).scan(), rules,
+                                                                  config_dir)]
+    problems += rules.alert.problems() if rules.alert else []
     try:
         logger.info(
             "%d rule(s); %d pending, %d kept for retry; quarantine: %s",
@@ -295,6 +297,27 @@ def explain(config_dir, rules_path, state_dir, name, domains):
     for check in explained.checks.get(name, ()):
         sni = f" (SNI {check.server_name})" if check.server_name else ""
         click.echo(f"  would verify that {check.endpoint.url}{sni} serves the live certificate")
+
+
+@main.command()
+@common_options
+@click.option("--test", is_flag=True, required=True, help="Send a test alert through every channel of [alert].")
+def alert(config_dir, rules_path, state_dir, test):
+    """Send a test alert through every channel of the rules file's [alert] table and
+    ping its dead-man's switch; exit 0 if each took it, 1 if not, 2 without [alert]."""
+    from certrelay import alerts
+
+    rules = load_rules(rules_path, config_dir)
+    if not rules.alert:
+        logger.error("%s has no [alert] table: add one (mail, command, apprise, ping; see certrelay(8))", rules_path)
+        sys.exit(EXIT_CONFIG)
+    results = alerts.test(rules.alert, rules.settings["timeout"])
+    for name, error in results.items():
+        if error:
+            logger.error("%s: NOT sent: %s", name, error)
+        else:
+            logger.info("%s: sent", name)
+    sys.exit(EXIT_INCOMPLETE if any(results.values()) else EXIT_OK)
 
 
 @main.command()

@@ -1,8 +1,9 @@
-"""The one place that runs commands: every systemctl call and every `run` command.
+"""The one place that runs commands: every systemctl call, `run` command and alert
+(sendmail, `command`).
 
-Each command runs with a timeout, without a shell, with stdin from /dev/null, in its
-own session (so a timeout kills its children too), and without NOTIFY_SOCKET: a child
-must not speak to systemd in the daemon's name.
+Each command runs with a timeout, without a shell, with stdin from /dev/null (an
+alert's from its message), in its own session (so a timeout kills its children too),
+and without NOTIFY_SOCKET: a child must not speak to systemd in the daemon's name.
 """
 
 import dataclasses
@@ -28,21 +29,25 @@ class Result:
     output: str = ""
 
 
-def run_command(argv, timeout):
-    """Run `argv` (a sequence of strings) and wait at most `timeout` seconds.
+def run_command(argv, timeout, stdin=None, extra_environment=None):
+    """Run `argv` (a sequence of strings) and wait at most `timeout` seconds; give it
+    the bytes `stdin` (else /dev/null) and `extra_environment` (a dict) besides ours.
 
     Return a `Result`; never raise for a command that is missing, fails or hangs.
     """
     logger.debug("running %s", " ".join(argv))
+    environment = child_environment()
+    if extra_environment:
+        environment = {**(os.environ if environment is None else environment), **extra_environment}
     try:
         process = subprocess.Popen(
-            list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=child_environment(), start_new_session=True,
+            list(argv), stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, env=environment, start_new_session=True,
         )
     except OSError as error:
         return Result(False, f"cannot run {argv[0]}: {error.strerror}")
     try:
-        output, _ = process.communicate(timeout=timeout)
+        output, _ = process.communicate(stdin, timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.communicate()

@@ -84,6 +84,7 @@ class Rules:
     rules: tuple
     settings: dict
     data: bytes = b""
+    alert: object = None  # alerts.Channels, or None without an [alert] table
 
     def matching(self, name, domains):
         """Return the rules that select the certificate `name` covering `domains`, in
@@ -182,9 +183,12 @@ def parse(data, path="rules.toml", config_dir=None):
         problems.append(f"{path}:{line}: {message}")
 
     for key in document:
-        if key not in ("rule", "settings"):
-            problem(locator.top_level(key), f"unknown table or key {key!r}; expected [[rule]] or [settings]")
+        if key not in ("rule", "settings", "alert"):
+            problem(locator.top_level(key), f"unknown table or key {key!r}; expected [[rule]], [settings] or [alert]")
     settings = parse_settings(document.get("settings", {}), locator, problem)
+    alert = None
+    if "alert" in document:
+        alert = parse_alert(document["alert"], lambda key: locator.key_in("alert", key), problem)
     rule_tables = document.get("rule", [])
     if not isinstance(rule_tables, list) or not all(isinstance(t, dict) for t in rule_tables):
         problem(locator.top_level("rule"), "'rule' must be written as [[rule]] tables")
@@ -196,7 +200,7 @@ def parse(data, path="rules.toml", config_dir=None):
     duplicate_destinations(rules, problem)
     if problems:
         raise RulesError(problems)
-    return Rules(path=path, rules=tuple(rules), settings=settings, data=bytes(data))
+    return Rules(path=path, rules=tuple(rules), settings=settings, data=bytes(data), alert=alert)
 
 
 def parse_settings(table, locator, problem):
@@ -247,6 +251,38 @@ def parse_settings(table, locator, problem):
         problem(locator.setting("expiry-critical"),
                 "setting 'expiry-critical' must not be more than 'expiry-warning'")
     return settings
+
+
+def parse_alert(table, line, problem):
+    """Return the [alert] `table` as alerts.Channels; report problems through
+    `problem(line, message)`, `line(key)` giving a key's line."""
+    from certrelay import alerts  # only rules files with alerts pay for it
+
+    if not isinstance(table, dict):
+        problem(line(None), "'alert' must be a table: [alert]")
+        return alerts.Channels()
+    for key in table:
+        if key not in alerts.KEYS:
+            problem(line(key), f"unknown key {key!r} in [alert]; known: {', '.join(alerts.KEYS)}")
+    if not table:
+        problem(line(None), "[alert] has no channel: add mail, command, apprise or ping, or drop the table")
+    mail = table.get("mail", [])
+    if not isinstance(mail, list) or not all(isinstance(address, str) and address and not address.startswith("-")
+                                             and address.isprintable() and " " not in address for address in mail):
+        problem(line("mail"), '[alert] mail must be a list of addresses, like mail = ["root"]')
+        mail = []
+    command = parse_commands("command", table.get("command", []), line("command"), problem,
+                             placeholders_allowed=False)
+    apprise = table.get("apprise", [])
+    if not isinstance(apprise, list) or not all(isinstance(url, str) and "://" in url for url in apprise):
+        problem(line("apprise"), '[alert] apprise must be a list of apprise URLs, like apprise = ["ntfy://host/topic"]')
+        apprise = []
+    ping = table.get("ping")
+    if ping is not None and not (isinstance(ping, str) and ping.startswith(("https://", "http://"))
+                                 and ping.isprintable()):
+        problem(line("ping"), '[alert] ping must be an http(s) URL, like ping = "https://hc-ping.com/UUID"')
+        ping = None
+    return alerts.Channels(tuple(mail), command, tuple(apprise), ping)
 
 
 def parse_rule(table, index, locator, problem, config_dir=None):
@@ -335,10 +371,12 @@ def duplicate_destinations(rules, problem):
                 first[install.dest] = install.line
 
 
-def parse_commands(key, value, line, problem):
-    """Return `run` or `precheck` (`key`) as a tuple of argv tuples; report problems
-    through `problem`."""
-    example = f'{key} = [["/usr/local/bin/deploy-cert", "{{name}}"]]'
+def parse_commands(key, value, line, problem, placeholders_allowed=True):
+    """Return `run`, `precheck` or an alert's `command` (`key`) as a tuple of argv
+    tuples; report problems through `problem`. Without `placeholders_allowed`, the
+    arguments are taken as written."""
+    example = f'{key} = [["/usr/local/bin/deploy-cert", "{{name}}"]]' if placeholders_allowed else \
+        f'{key} = [["/usr/local/bin/page-me", "--urgent"]]'
     if not isinstance(value, list) or not all(isinstance(argv, list) for argv in value):
         problem(line, f"'{key}' must be a list of commands, each a list of strings: {example}")
         return ()
@@ -349,7 +387,7 @@ def parse_commands(key, value, line, problem):
             continue
         if not os.path.isabs(argv[0]):
             problem(line, f"{key} command {argv[0]!r} must be an absolute path (no PATH lookup, no shell)")
-        for item in argv:
+        for item in argv if placeholders_allowed else ():
             reason = placeholders.problem(item)
             if reason:
                 problem(
@@ -401,8 +439,12 @@ class Locator:
         return 1
 
     def setting(self, key):
+        return self.key_in("settings", key)
+
+    def key_in(self, table, key):
+        """The line of `key` in [table], else of [table] (`key` None: always), else 1."""
         for start, section, keys in self.sections:
-            if section == "settings":
+            if section == table:
                 return keys.get(key, start)
         return 1
 

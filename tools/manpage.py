@@ -40,6 +40,22 @@ that did not change since the last action restarts nothing; a failed action is k
 and retried, and a crash loses no notification. Notifications that are not valid are
 moved to `quarantine/` and never acted on."""
 
+#: (what `run` says, what it means and where to look first), as in the README.
+RENEWAL_FAILS = [
+    ("NAME: renewal FAILED in the container at TIME",
+     "certbot's post hook recorded an attempt that failed for NAME (certbot 4.2 and later name the failed domains; "
+     "with older ones, NAME was due and did not change). Look at the container's output (`docker logs`, the cron "
+     "mail) for the DNS-01 or account error, then `certbot renew --cert-name NAME`."),
+    ("NAME: renewal OVERDUE: certbot should have renewed it from TIME",
+     "Not renewed `overdue-grace` (1 day) after the time certbot's own policy renews it (`renewal/NAME.conf`). "
+     "The same; also whether the container runs at all."),
+    ("certbot has recorded no renewal attempt since TIME",
+     "A lineage has been due for `stopped-after` (2 days) and certbot did not try: the cron line or "
+     "`certbot-docker-renew.timer`."),
+    ("NAME: the live certificate expires in N days",
+     "The last line: below `expiry-warning`. All of the above, now."),
+]
+
 FILES = [
     ("/etc/certrelay/rules.toml", "The rules: which certificates restart or reload which units (certrelay-rules(5))."),
     ("/etc/letsencrypt/renewal-hooks/deploy/certrelay-hook",
@@ -48,7 +64,8 @@ FILES = [
     ("/etc/letsencrypt/certrelay/", "The spool: `queue/` (pending notifications), `claimed/` (being processed, or "
      "kept after a failed action), `quarantine/` (entries that were not valid notifications), `tmp/`."),
     ("/var/lib/certrelay/", "The state: the lock, the progress of kept notifications, the certificate last acted on "
-     "per lineage, the time of the last action per unit."),
+     "per lineage, the time of the last action per unit, the record of runs and alarms (`status.json`), the alerts "
+     "standing and waiting to be sent (`alerts.json`)."),
     ("certrelay.path, certrelay.service, certrelay-retry.timer",
      "Run `certrelay run` when the queue is not empty, and every 15 minutes to retry kept failures."),
     ("certrelay-watch.service", "The daemon, `certrelay watch` (Type=notify, with a watchdog; "
@@ -175,6 +192,13 @@ def manpage(group=cli.main, name="certrelay"):
     ]
     for status, text in EXIT_STATUS:
         out += [".TP", f"\\fB{status}\\fR", escape(text)]
+    out += [".SH WHEN RENEWAL FAILS",
+            "Each of these is an error on stderr, and \\fBrun\\fR exits 1: at once, then at most once a day; "
+            "with an \\fB[alert]\\fR table (certrelay-rules(5)) it is also mailed, paged or pushed, in every "
+            "mode, and once more when it is resolved. \\fBcertrelay status\\fR shows when each certificate is "
+            "due and whether it is overdue."]
+    for said, text in RENEWAL_FAILS:
+        out += [".TP", f"\\fB{escape(said)}\\fR", escape(text)]
     out += [".SH FILES"]
     for path, text in FILES:
         out += [".TP", f"\\fI{escape(path)}\\fR", escape(text)]

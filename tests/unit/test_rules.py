@@ -693,3 +693,36 @@ def test_an_install_destination_inside_the_config_dir_is_refused(tmp_path):
         rules.parse(text.encode(), "rules.toml", config_dir=str(tmp_path))
 
     assert caught.value.problems[0].startswith("rules.toml:5: ") and "config dir" in caught.value.problems[0]
+
+
+RULE = '\n[[rule]]\nmatch = ["*"]\nreload = ["apache2"]\n'
+
+
+def test_alert_table_parses_into_its_channels():
+    parsed = rules.parse((
+        '[alert]\nmail = ["root", "admin@example.ch"]\ncommand = [["/usr/local/bin/page", "{literal}"]]\n'
+        'apprise = ["ntfy://ntfy.example.ch/certs"]\nping = "https://hc-ping.com/1234"\n' + RULE).encode())
+
+    assert parsed.alert.mail == ("root", "admin@example.ch")
+    assert parsed.alert.command == (("/usr/local/bin/page", "{literal}"),)  # no placeholders: taken as written
+    assert parsed.alert.apprise == ("ntfy://ntfy.example.ch/certs",)
+    assert parsed.alert.ping == "https://hc-ping.com/1234"
+    assert parsed.alert.names() == ["mail", "command /usr/local/bin/page", "apprise ntfy://ntfy.example.ch/certs"]
+    assert rules.parse(RULE.encode()).alert is None
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ('mail = "root"', "[alert] mail must be a list of addresses"),
+    ('mail = ["-oQ/tmp"]', "[alert] mail must be a list of addresses"),
+    ('command = [["page"]]', "command command 'page' must be an absolute path (no PATH lookup, no shell)"),
+    ('command = ["/bin/page"]', "'command' must be a list of commands, each a list of strings"),
+    ('apprise = ["not a url"]', "[alert] apprise must be a list of apprise URLs"),
+    ('ping = "ftp://example.ch/"', "[alert] ping must be an http(s) URL"),
+    ('pager = "x"', "unknown key 'pager' in [alert]; known: mail, command, apprise, ping"),
+])
+def test_a_bad_alert_key_is_reported_at_its_line(line, fragment):
+    assert_single_problem(f"# alerts\n[alert]\n{line}\n" + RULE, 3, fragment)
+
+
+def test_an_alert_table_without_a_channel_is_reported():
+    assert_single_problem("# alerts\n\n[alert]\n" + RULE, 3, "[alert] has no channel: add mail, command, apprise or ping")
