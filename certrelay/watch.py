@@ -19,7 +19,7 @@ import warnings
 
 import sdnotify
 
-from certrelay import batch, lineages, rules as rules_module, spool as spool_module, state
+from certrelay import attempts, batch, lineages, rules as rules_module, spool as spool_module, state
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # pyinotify imports asyncore
@@ -65,6 +65,7 @@ class Watcher:
         self.rules = rules
         self.poll_interval = poll
         self.queue = os.path.join(config_dir, "certrelay", "queue")
+        self.spool_root = os.path.dirname(self.queue)  # where the post hook renames `attempt`
         self.systemd = SystemdNotify()
         # Kept across batches: its cache (lineages.json, an entry per lineage) is read
         # once, not per batch. A stale entry is harmless: each is keyed by a stat.
@@ -109,6 +110,9 @@ class Watcher:
         """pyinotify's default handler: every event of the watch manager comes here."""
         if event.mask & pyinotify.IN_Q_OVERFLOW:
             self.something_arrived("inotify queue overflowed: rescanning")
+        elif event.path == self.spool_root:  # a failed renewal: said now, not at the next reconcile
+            if event.name == os.path.basename(attempts.RELATIVE) and event.mask & pyinotify.IN_MOVED_TO:
+                self.something_arrived("certbot recorded a renewal attempt")
         elif event.mask & LOST_MASK:
             logger.warning("the queue directory %s went away; watching it again", self.queue)
             self.rewatch_due = time.monotonic()
@@ -133,6 +137,7 @@ class Watcher:
                     logger.error("%s", repair)
             mask = WATCH_MASK | pyinotify.IN_DELETE_SELF | pyinotify.IN_MOVE_SELF | pyinotify.IN_DONT_FOLLOW
             manager.add_watch(self.queue, mask, quiet=False)
+            manager.add_watch(self.spool_root, pyinotify.IN_MOVED_TO | pyinotify.IN_DONT_FOLLOW, quiet=False)
         except (OSError, pyinotify.WatchManagerError) as error:
             logger.error("cannot watch %s (%s); trying again in %g s", self.queue, error, REWATCH_DELAY)
             self.rewatch_due = time.monotonic() + REWATCH_DELAY

@@ -327,3 +327,22 @@ def test_watch_sees_what_a_run_beside_it_recorded(relay, notify):
     status = notify.wait_for(lambda m: "STATUS=last batch" in m and "1 unchanged" in m)
 
     assert len(relay.calls()) == 6, status
+
+
+def test_watch_reports_a_failed_renewal_as_soon_as_the_post_hook_records_it(relay, notify):
+    """The post hook renames SPOOL/attempt into place after certbot's run: the daemon
+    wakes for it (no notification comes for a failure), not at the next reconcile."""
+    from tests import certs
+    from tests.integration.test_attempts import record
+
+    relay.write_rules(FAST + 'reconcile-interval = "7d"\noverdue-grace = "20d"\n\n' + WRITE_UP_RULES)
+    certs.renew(relay.config_dir, "herzbube.ch", age_days=61)
+    process = start_watch(relay, notify)
+    notify.wait_for(lambda m: "READY=1" in m)
+
+    record(relay, time.time() - 60, failed="herzbube.ch *.herzbube.ch")
+    notify.wait_for(lambda m: "STATUS=last batch" in m and "1 renewal(s) failed in the container" in m)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=30)[0]
+
+    assert "error: herzbube.ch: renewal FAILED in the container at " in output

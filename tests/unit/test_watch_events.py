@@ -17,8 +17,9 @@ def watcher(tmp_path, monkeypatch):
                          rules.parse(WRITE_UP_RULES.encode()))
 
 
-def event(mask, name=""):
-    return types.SimpleNamespace(mask=mask, name=name)
+def event(mask, name="", path=None):
+    """An inotify event in the queue (the watched spool directory with `path`)."""
+    return types.SimpleNamespace(mask=mask, name=name, path=path)
 
 
 def test_queue_overflow_schedules_a_full_rescan(watcher):
@@ -32,6 +33,15 @@ def test_hidden_names_are_ignored_and_visible_ones_schedule_a_batch(watcher):
     assert watcher.batch_due is None
 
     watcher.handle_event(event(watch.pyinotify.IN_MOVED_TO, "herzbube.ch"))
+    assert watcher.batch_due is not None
+
+
+def test_in_the_spool_directory_only_the_attempt_record_schedules_a_batch(watcher):
+    watcher.handle_event(event(watch.pyinotify.IN_MOVED_TO, "claimed", path=watcher.spool_root))
+    watcher.handle_event(event(watch.pyinotify.IN_IGNORED, path=watcher.spool_root))
+    assert (watcher.batch_due, watcher.rewatch_due) == (None, None)
+
+    watcher.handle_event(event(watch.pyinotify.IN_MOVED_TO, "attempt", path=watcher.spool_root))
     assert watcher.batch_due is not None
 
 
