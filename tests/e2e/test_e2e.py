@@ -236,11 +236,13 @@ class Integration:
             container.systemctl("stop", *self.units, check=False)
             container.systemctl("reset-failed", *self.units, check=False)
 
-    def relay(self, world):
-        """What follows `certbot renew` (nothing: systemd notices the queue by itself)."""
+    def relay(self, world, failed=False):
+        """What follows `certbot renew` (nothing: systemd notices the queue by itself);
+        `failed`: a renewal failed, which certrelay reports (exit 1)."""
 
-    def check(self, world, since):
-        """Assert what this integration leaves behind after a batch (`since`: epoch)."""
+    def check(self, world, since, failed=False):
+        """Assert what this integration leaves behind after a batch (`since`: epoch;
+        `failed` as for relay)."""
 
 
 class PathUnit(Integration):
@@ -256,14 +258,15 @@ class PathUnit(Integration):
         container.systemctl("disable", "--now", *self.units, check=False)
         container.systemctl("reset-failed", "certrelay.service", *self.units, check=False)
 
-    def check(self, world, since):
+    def check(self, world, since, failed=False):
         container = world.container
         # Level-triggered: had the run left the queue non-empty, the path unit would
         # have started it again and again until unit-start-limit-hit.
         path = container.show("certrelay.path", "ActiveState", "Result")
         assert path == {"ActiveState": "active", "Result": "success"}, world.explain()
         service = container.show("certrelay.service", "Result", "ExecMainStatus")
-        assert service == {"Result": "success", "ExecMainStatus": "0"}, world.explain()
+        assert service == ({"Result": "exit-code", "ExecMainStatus": "1"} if failed else
+                           {"Result": "success", "ExecMainStatus": "0"}), world.explain()
         journal = container.journal("certrelay.service", since=since)
         assert f"done: restart dovecot.service ({NAME})" in journal, world.explain()
 
@@ -274,7 +277,7 @@ class WatchDaemon(Integration):
     id = "watch-daemon"
     units = ("certrelay-watch.service",)
 
-    def check(self, world, since):
+    def check(self, world, since, failed=False):
         container = world.container
         shown = container.show("certrelay-watch.service", "ActiveState", "WatchdogUSec", "WatchdogTimestampMonotonic")
         assert shown["ActiveState"] == "active", world.explain(str(shown))
@@ -291,12 +294,12 @@ class CronChain(Integration):
 
     id = "cron-chain"
 
-    def relay(self, world):
+    def relay(self, world, failed=False):
         done = world.container.run(["certrelay", "run"], timeout=RELAY_TIMEOUT)
         self.output = done.stdout + done.stderr
-        assert done.returncode == 0, world.explain(f"certrelay run exited {done.returncode}:\n{self.output}")
+        assert done.returncode == int(failed), world.explain(f"certrelay run exited {done.returncode}:\n{self.output}")
 
-    def check(self, world, since):
+    def check(self, world, since, failed=False):
         assert f"done: restart dovecot.service ({NAME})" in self.output, self.output
 
 
@@ -323,8 +326,15 @@ def renew_and_relay(world, integration, cert_names=(NAME,), fail_domains=()):
     since = time.time() - 1
     before = service_pids(world.container)
     result = world.server.renew(world.config, cert_names=list(cert_names) or None, fail_domains=fail_domains)
-    integration.relay(world)
+    integration.relay(world, failed=bool(fail_domains))
     return result, before, since
+
+
+def mailbox(world):
+    """Return every mail delivered in the container: exim4 delivers root's to
+    /var/mail/mail (Debian's mail4root router) unless /etc/aliases names someone."""
+    box = world.root / "var" / "mail"
+    return "".join(path.read_text(errors="replace") for path in sorted(box.iterdir()) if path.is_file())
 
 
 def assert_relayed(world, serial, before):
@@ -379,8 +389,12 @@ def test_renewal_reaches_every_service(world, integration):
     integration.check(world, since)
 
 
-def test_partial_failure_still_reaches_services(world, integration):
-    """other.test fails to renew (certbot exits 1); example.test still reaches its services."""
+def test_partial_failure_still_reaches_services_and_mails_the_admin(world, integration):
+    """other.test fails to renew (certbot exits 1); example.test still reaches its
+    services, and the failure, recorded by the post hook, is reported (exit 1) and
+    mailed to root through the container's exim4 ([alert] mail), in every mode."""
+    subject = f"Subject: certrelay on {world.container.run(['hostname']).stdout.strip()}: renewal of {OTHER} FAILED"
+    mailed = mailbox(world).count(subject)
     old, other_version = world.serial(), acme.cert_version(world.config, OTHER)
     result, before, since = renew_and_relay(world, integration, cert_names=(), fail_domains=(OTHER,))
     assert result.returncode == 1, result.stdout + result.stderr
@@ -388,7 +402,10 @@ def test_partial_failure_still_reaches_services(world, integration):
     new = world.serial()
     assert new != old
     assert_relayed(world, new, before)
-    integration.check(world, since)
+    wait_until(lambda: mailbox(world).count(subject) == mailed + 1, RELAY_TIMEOUT, interval=0.5,
+               what=f"a mail {subject!r}", explain=lambda: world.explain(mailbox(world)[-3000:]))
+    assert f"{OTHER}: renewal FAILED in the container at " in mailbox(world)
+    integration.check(world, since, failed=True)
 
 
 def test_check_asks_the_booted_systemd_about_each_unit(world):
