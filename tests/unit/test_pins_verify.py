@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from certrelay import certificate, endpoint as endpoint_module, plan, probe, rules, verify
+from certrelay import certificate, endpoint as endpoint_module, execute, plan, probe, rules, verify
 
 
 def der_of(subject, issuer=None):
@@ -164,3 +164,64 @@ def test_after_a_batch_each_verdict_is_logged_once(lineage, monkeypatch, caplog)
 
     assert [verdict.outcome for verdict in verdicts] == ["current"] and restarted == {}
     assert [record.getMessage() for record in caplog.records] == [f"verified: {verdicts[0].describe()}"]
+
+
+@pytest.fixture
+def escalation(lineage, monkeypatch, caplog):
+    """run(done_verbs): verify_and_escalate of a.ch, whose rule reloads x.service, at an
+    endpoint that sends the leaf without its intermediate until x.service restarts.
+    Return (verdicts, restarted, systemctl calls, log lines)."""
+    config_dir, parts, r11 = lineage
+    leaf = ssl.PEM_cert_to_DER_cert(parts["cert"].decode())
+    check = plan.Check("a.ch", endpoint_module.parse_endpoint("tls://127.0.0.1:1"), None, (("reload", "x.service"),),
+                       True, frozenset())
+    calls = []
+
+    def systemctl(verb, unit, timeout):
+        calls.append((verb, unit, timeout))
+        return execute.Result(True)
+
+    monkeypatch.setattr(verify.execute, "systemctl", systemctl)
+    monkeypatch.setattr(probe, "fetch_many", lambda targets, timeout: [
+        probe.Served(check.endpoint, None, leaf, None, chain=(r11,) if calls else ()) for _ in targets])
+    parsed = rules.parse(b'[[rule]]\nmatch = ["*"]\nreload = ["x"]\n', "rules.toml").settings
+    settings = {**parsed, "verify-timeout": 0}  # one probe round each
+    caplog.set_level(logging.INFO, logger="certrelay.verify")
+
+    def run(done_verbs):
+        verdicts, restarted = verify.verify_and_escalate([check], config_dir, settings, done_verbs)
+        return verdicts, restarted, calls, [record.getMessage() for record in caplog.records]
+
+    return run
+
+
+@pytest.mark.parametrize("done_verbs", [{}, {"x.service": "reload"}], ids=["reloaded-earlier", "reloaded-now"])
+def test_a_stale_chain_after_a_reload_is_escalated_to_one_restart_within_the_timeout(escalation, done_verbs):
+    verdicts, restarted, calls, said = escalation(done_verbs)
+
+    assert [verdict.outcome for verdict in verdicts] == ["current"]
+    assert restarted == {"x.service": execute.Result(True)} and calls == [("restart", "x.service", 120.0)]  # "timeout"
+    assert said[1:] == ["done: restart x.service (a.ch)", f"verified: {verdicts[0].describe()}"]
+
+
+def test_a_unit_restarted_in_this_batch_is_not_restarted_again(escalation):
+    verdicts, restarted, calls, said = escalation({"x.service": "restart"})
+
+    assert [verdict.outcome for verdict in verdicts] == ["chain"] and restarted == {} and calls == []
+
+
+def test_after_a_batch_a_served_certificate_close_to_expiry_is_alarmed(tmp_path, monkeypatch, caplog):
+    from tests import certs
+
+    der = ssl.PEM_cert_to_DER_cert(certs.renew(str(tmp_path), "b.ch", days=90, age_days=88).decode())
+    check = plan.Check("b.ch", endpoint_module.parse_endpoint("tls://127.0.0.1:1"), None, (), True, frozenset())
+    monkeypatch.setattr(probe, "fetch_many", lambda targets, timeout: [
+        probe.Served(check.endpoint, None, der, None) for _ in targets])
+    settings = rules.parse(b'[[rule]]\nmatch = ["*"]\nreload = ["x"]\n', "rules.toml").settings
+    caplog.set_level(logging.INFO, logger="certrelay.verify")
+
+    verdicts, _ = verify.verify_and_escalate([check], str(tmp_path), settings, {})
+
+    assert [verdict.outcome for verdict in verdicts] == ["current"]
+    assert caplog.records[-1].getMessage().startswith(
+        "tls://127.0.0.1:1 serves a certificate that expires in 2.0 days (critical)")
