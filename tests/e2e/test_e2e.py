@@ -408,6 +408,24 @@ def test_partial_failure_still_reaches_services_and_mails_the_admin(world, integ
     integration.check(world, since, failed=True)
 
 
+def test_a_renewal_that_works_clears_the_failure_and_mails_that_it_is_resolved(world):
+    """After the failures above, other.test renews: the next run says nothing of it,
+    exits 0, and root gets one mail saying the failure is resolved."""
+    hostname = world.container.run(["hostname"]).stdout.strip()
+    subject = f"Subject: certrelay on {hostname}: resolved: renewal of {OTHER} FAILED"
+    assert mailbox(world).count(subject) == 0
+    other_version = acme.cert_version(world.config, OTHER)
+
+    result = world.server.renew(world.config, cert_names=[OTHER])
+    done = world.container.run(["certrelay", "run"], timeout=RELAY_TIMEOUT)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert acme.cert_version(world.config, OTHER) != other_version
+    assert done.returncode == 0 and "FAILED" not in done.stderr, world.explain(done.stdout + done.stderr)
+    wait_until(lambda: mailbox(world).count(subject) == 1, RELAY_TIMEOUT, interval=0.5, what=f"a mail {subject!r}",
+               explain=lambda: world.explain(mailbox(world)[-3000:]))
+
+
 def test_check_asks_the_booted_systemd_about_each_unit(world):
     """`certrelay check` passes with the installed setup and names a unit systemd lacks."""
     done = world.container.run(["certrelay", "check"])
