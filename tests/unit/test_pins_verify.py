@@ -168,18 +168,19 @@ def test_after_a_batch_each_verdict_is_logged_once(lineage, monkeypatch, caplog)
 
 @pytest.fixture
 def escalation(lineage, monkeypatch, caplog):
-    """run(done_verbs): verify_and_escalate of a.ch, whose rule reloads x.service, at an
-    endpoint that sends the leaf without its intermediate until x.service restarts.
+    """run(done_verbs, restart): verify_and_escalate of a.ch, whose rule reloads x.service, at
+    an endpoint that sends the leaf without its intermediate until x.service restarts
+    (`restart`: the execute.Result of that restart).
     Return (verdicts, restarted, systemctl calls, log lines)."""
     config_dir, parts, r11 = lineage
     leaf = ssl.PEM_cert_to_DER_cert(parts["cert"].decode())
     check = plan.Check("a.ch", endpoint_module.parse_endpoint("tls://127.0.0.1:1"), None, (("reload", "x.service"),),
                        True, frozenset())
-    calls = []
+    calls, result = [], []
 
     def systemctl(verb, unit, timeout):
         calls.append((verb, unit, timeout))
-        return execute.Result(True)
+        return result[0]
 
     monkeypatch.setattr(verify.execute, "systemctl", systemctl)
     monkeypatch.setattr(probe, "fetch_many", lambda targets, timeout: [
@@ -188,7 +189,8 @@ def escalation(lineage, monkeypatch, caplog):
     settings = {**parsed, "verify-timeout": 0}  # one probe round each
     caplog.set_level(logging.INFO, logger="certrelay.verify")
 
-    def run(done_verbs):
+    def run(done_verbs, restart=execute.Result(True)):
+        result.append(restart)
         verdicts, restarted = verify.verify_and_escalate([check], config_dir, settings, done_verbs)
         return verdicts, restarted, calls, [record.getMessage() for record in caplog.records]
 
@@ -196,11 +198,17 @@ def escalation(lineage, monkeypatch, caplog):
 
 
 @pytest.mark.parametrize("done_verbs", [{}, {"x.service": "reload"}], ids=["reloaded-earlier", "reloaded-now"])
-def test_a_stale_chain_after_a_reload_is_escalated_to_one_restart_within_the_timeout(escalation, done_verbs):
+def test_a_stale_chain_after_a_reload_is_escalated_to_one_restart_within_the_timeout(escalation, lineage, done_verbs):
+    r11 = lineage[2]
     verdicts, restarted, calls, said = escalation(done_verbs)
 
     assert [verdict.outcome for verdict in verdicts] == ["current"]
     assert restarted == {"x.service": execute.Result(True)} and calls == [("restart", "x.service", 120.0)]  # "timeout"
+    assert said[0].startswith("tls://127.0.0.1:1 serves the current certificate of a.ch (serial ")
+    assert said[0].endswith(" with a stale chain (intermediates served: none; chain.pem: CN=R11 (sha256 "
+                            f"{hashlib.sha256(r11).hexdigest()[:12]})): reload or restart x.service so"
+                            " that it reads chain.pem or fullchain.pem again, not a copy of an old one [x.service]"
+                            " after a reload: escalating to a restart")
     assert said[1:] == ["done: restart x.service (a.ch)", f"verified: {verdicts[0].describe()}"]
 
 
@@ -225,3 +233,13 @@ def test_after_a_batch_a_served_certificate_close_to_expiry_is_alarmed(tmp_path,
     assert [verdict.outcome for verdict in verdicts] == ["current"]
     assert caplog.records[-1].getMessage().startswith(
         "tls://127.0.0.1:1 serves a certificate that expires in 2.0 days (critical)")
+
+
+def test_a_failed_escalation_restart_is_an_error_naming_unit_lineage_and_why(escalation, caplog):
+    failed = execute.Result(False, "exit status 1")
+
+    verdicts, restarted, calls, said = escalation({}, failed)
+
+    assert restarted == {"x.service": failed}
+    error = [record for record in caplog.records if record.levelno == logging.ERROR][0]
+    assert error.getMessage() == "failed: restart x.service (a.ch): exit status 1"
