@@ -10,6 +10,7 @@ import http.server
 import json
 import os
 import threading
+import time
 
 import pytest
 
@@ -250,3 +251,26 @@ def test_an_alert_waiting_for_a_channel_taken_out_of_the_rules_is_dropped_saying
     assert result.returncode == 0, result.stderr
     assert f"no longer sent through command {pager.program}: not in [alert] any more" in result.stderr
     assert other.messages() == [] and pager.messages() == []  # said when it appeared; again tomorrow
+
+
+def test_certbot_that_stopped_is_alerted_and_resolved_when_it_tries_again(relay, pager):
+    """Issue 18's case: the container's timer stops; a mail (here: the pager) says so;
+    certbot runs again and renews: one more says it is resolved."""
+    from tests.integration.test_attempts import install_post_hook, record
+
+    relay.write_rules(rules(pager).replace("[settings]\n", '[settings]\noverdue-grace = "20d"\n'))
+    install_post_hook(relay)
+    certs.renew(relay.config_dir, NAME, age_days=63)  # due since day 60
+    record(relay, time.time() - 30 * 86400, renewed="old.example")  # the last attempt: a month ago
+
+    stopped = relay.run()
+    certs.renew(relay.config_dir, NAME)
+    record(relay, time.time(), renewed=f"{NAME} *.{NAME}")  # the timer runs again
+    resolved = relay.run()
+
+    assert stopped.returncode == 1 and resolved.returncode == 0, resolved.stderr
+    host = os.uname().nodename
+    assert [(level, subject) for level, subject, _ in pager.messages()] == [
+        ("error", f"certrelay on {host}: certbot stopped renewing"),
+        ("resolved", f"certrelay on {host}: resolved: certbot stopped renewing")]
+    assert "is the container's cron line, or certbot-docker-renew.timer, still running?" in pager.messages()[0][2]
