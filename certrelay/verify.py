@@ -106,7 +106,9 @@ class Verdict:
         live = f" ({self.live})" if self.live else ""
         if self.outcome == "old":
             return (f"{where} still serves an OLD certificate of {check.name} ({served}), not the live one"
-                    f"{live}{suffix}")
+                    f"{live}: it has not loaded the new one. A service in a container whose certificate is"
+                    f" bind-mounted as a single file keeps the old file after every renewal, reload or not:"
+                    f" mount the directory (e.g. -v /etc/letsencrypt:/etc/letsencrypt:ro), not the file{suffix}")
         owner = f"the live certificate of {self.owner}" if self.owner else "a certificate of no lineage certrelay knows"
         return (f"{where} serves {owner} ({served}), not the live one of {check.name}{live}: check the"
                 f" service's certificate path, vhost or SNI{suffix}")

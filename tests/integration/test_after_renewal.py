@@ -284,3 +284,47 @@ def test_a_command_past_its_timeout_is_killed_with_its_children_and_run_does_not
     for pid_file in (parent_pid, child):
         pid = int(open(pid_file, encoding="ascii").read())
         wait.gone(pid, GONE_WITHIN, what=f"{pid_file}'s process {pid}, killed before certrelay run returned,")
+
+
+# --- the single-file bind mount trap (dashpay/platform#4421) ------------------------------
+
+
+@pytest.fixture
+def single_file_mounts(relay, tmp_path):
+    """mount(source file) -> a file bind-mounted on it, as `docker run -v FILE:FILE`
+    does (root only); all unmounted when the test ends."""
+    if os.geteuid() != 0:
+        pytest.skip("a bind mount needs root")
+    mounted = []
+
+    def mount(source, target):
+        open(target, "w").close()
+        subprocess.run(["mount", "--bind", source, target], check=True, capture_output=True)
+        mounted.append(target)
+
+    yield mount
+    for target in reversed(mounted):
+        subprocess.run(["umount", target], check=True, capture_output=True)
+
+
+def test_a_service_fed_by_single_file_bind_mounts_serves_the_old_certificate_and_is_told_to_mount_the_dir(
+        relay, service, single_file_mounts, tmp_path):
+    """A single-file bind mount resolves live/NAME/cert.pem's link when it is made and
+    keeps that inode: after certbot's renewal the container still reads cert1.pem,
+    whatever it is told. verify calls it old, and says what to change."""
+    certs.renew(relay.config_dir, NAME)
+    container = tmp_path / "container"
+    container.mkdir()
+    for part in ("cert.pem", "privkey.pem"):
+        single_file_mounts(os.path.join(live(relay), part), str(container / part))
+    daemon = service(str(container), loads_on=("reload", "restart"))  # it does reload
+    relay.write_rules(rules(daemon.port, verb="reload"))
+    renew_and_publish(relay)
+
+    result = relay.run()
+
+    assert result.returncode == 1
+    assert relay.calls() == [f"reload {UNIT}", f"restart {UNIT}"]  # escalated: the restart cannot help either
+    assert f"still serves an OLD certificate of {NAME}" in result.stderr
+    assert "bind-mounted as a single file keeps the old file after every renewal, reload or not: mount the" \
+        " directory (e.g. -v /etc/letsencrypt:/etc/letsencrypt:ro), not the file" in result.stderr
