@@ -225,6 +225,10 @@ def hook_problems(config_dir):
             logger.warning("%s: outdated (not the hook shipped with this certrelay): run certrelay install-hook", path)
         else:
             logger.info("%s: current", path)
+    for path in hook_module.bash_hooks(config_dir):
+        logger.warning("%s asks for bash (#!...bash): the certbot/dns-cloudflare image has none, so certbot in"
+                       " the container gets exit status 127 from it and still exits 0; rewrite it for /bin/sh"
+                       " (BusyBox ash there), or if it is certrelay's: certrelay install-hook --force", path)
     return problems
 
 

@@ -249,3 +249,20 @@ def test_make_install_layout_finds_its_own_hook(tmp_path):
 
     assert done.returncode == 0, done.stderr
     assert (config / "renewal-hooks" / "deploy" / "certrelay-hook").read_bytes() == shipped.read_bytes()
+
+
+def test_check_warns_of_a_hook_that_asks_for_bash_which_the_certbot_image_lacks(relay):
+    for kind in hook.HOOKS:
+        hook.install(relay.config_dir, hook=kind)
+    mine = Path(relay.config_dir, "renewal-hooks", "deploy", "reload-haproxy")
+    mine.write_text("#!/usr/bin/env bash\nsystemctl reload haproxy\n")
+    mine.chmod(0o755)
+    Path(relay.config_dir, "renewal-hooks", "pre", "stop-web").parent.mkdir()
+    Path(relay.config_dir, "renewal-hooks", "pre", "stop-web").write_text("#!/bin/sh\n")
+
+    result = relay.run(command="check")
+
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {mine} asks for bash (#!...bash): the certbot/dns-cloudflare image has none, so certbot" \
+        " in the container gets exit status 127 from it and still exits 0; rewrite it for /bin/sh" in result.stderr
+    assert result.stderr.count("asks for bash") == 1  # not the sh hooks, not certrelay's
