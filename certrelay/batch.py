@@ -248,9 +248,15 @@ class Batch:
             try:
                 self.fingerprints[notification.entry] = known.get(name) or certificate.fingerprint(self.config_dir, name)
             except certificate.CertificateError as error:
-                logger.error("%s the notification for %s: its live certificate cannot be read: %s",
-                             self.said["drop"], name, error)
+                reason = f"its live certificate cannot be read: {error}"
+                if name not in self.facts:  # no live/NAME at all
+                    reason = (f"there is no lineage {name} under live/: the container wrote a notification for a"
+                              f" certificate this host does not have (is the container's /etc/letsencrypt"
+                              f" {self.config_dir}?)")
+                logger.error("%s the notification for %s: %s", self.said["drop"], name, reason)
                 outcome.unreadable += 1
+                if not self.dry_run:
+                    self.recorder.dropped(name, reason, time.time())
                 self.drop(notification)
                 continue
             kept_before = notification.entry in self.progress.data

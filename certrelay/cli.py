@@ -189,10 +189,14 @@ def check(config_dir, rules_path, state_dir, rules_only):
                                                                   config_dir)]
     problems += rules.alert.problems() if rules.alert else []
     try:
-        logger.info(
-            "%d rule(s); %d pending, %d kept for retry; quarantine: %s",
-            len(rules.rules), len(spool.pending_names()), len(spool.claimed_entries()), spool.quarantine,
-        )
+        pending = spool.pending_names()
+        logger.info("%d rule(s); %d pending, %d kept for retry; quarantine: %s",
+                    len(rules.rules), len(pending), len(spool.claimed_entries()), spool.quarantine)
+        for name in sorted(pending):
+            if not os.path.isdir(os.path.join(config_dir, "live", name)):
+                logger.warning("%s/%s: a notification for %s, but there is no lineage %s under live/: is the"
+                               " container's /etc/letsencrypt %s? (the next run drops it)", spool.queue, name,
+                               name, name, config_dir)
     except OSError as error:
         problems.append(f"cannot use {error.filename}: {error.strerror}")
     for problem in problems:

@@ -27,6 +27,7 @@ A snapshot is a plain dict built by the caller; every time is epoch seconds (UTC
       "units": [{"unit": "dovecot.service", "verb": "restart", "result": "success"|"failure",
                  "time": epoch, "error": None or "..."}],
       "notifications": {"pending": 0, "kept": 1, "deferred": 0},
+      "dropped": [{"name": "ghost.example", "time": epoch, "reason": "..."}],  # the last week's
       "actions_total": [{"unit": "dovecot.service", "verb": "restart", "result": "success", "count": 4}],
     }
 
@@ -63,6 +64,8 @@ def problems(snapshot):
     for cert in snapshot.get("certificates") or []:
         found += certificate_problems(cert)
         kept_actions.update(kept["action"] for kept in cert.get("kept") or [])
+    for dropped in snapshot.get("dropped") or []:
+        found.append(("warning", dropped_summary(dropped)))
     for unit in snapshot.get("units") or []:
         # a failure already reported as a kept action is one problem, not two
         if unit.get("result") == "failure" and f"{unit['verb']} {unit['unit']}" not in kept_actions:
@@ -88,6 +91,12 @@ def certificate_problems(cert):
     if cert.get("level") in ("warning", "critical"):
         found.append((cert["level"], f"{name}: {expiry_summary(cert)}"))
     return found
+
+
+def dropped_summary(dropped):
+    """Return "ghost.example: a notification was dropped at TIME (UTC): why"."""
+    return (f"{printable(dropped['name'])}: a notification was dropped at {human_time(dropped.get('time'))} (UTC):"
+            f" {one_line(dropped.get('reason') or '')}")
 
 
 def overdue_summary(cert):
@@ -164,7 +173,9 @@ def table(snapshot):
             lines += [line, *("    " + text for text in detail)]
     notifications = snapshot.get("notifications") or {}
     counts = ", ".join(f"{notifications.get(state, 0)} {state}" for state in ("pending", "kept", "deferred"))
-    lines += ["", f"last run: {when(snapshot.get('last_run'), now)}", f"notifications: {counts}", verdict(snapshot)]
+    lines += ["", f"last run: {when(snapshot.get('last_run'), now)}", f"notifications: {counts}"]
+    lines += ["  " + dropped_summary(dropped) for dropped in snapshot.get("dropped") or []]
+    lines.append(verdict(snapshot))
     return "\n".join(lines) + "\n"
 
 
@@ -250,6 +261,8 @@ def as_json(snapshot):
         "notifications": {
             state: (snapshot.get("notifications") or {}).get(state, 0) for state in ("pending", "kept", "deferred")
         },
+        "dropped": [{"name": dropped["name"], "time": rfc3339(dropped.get("time")), "reason": dropped.get("reason")}
+                    for dropped in snapshot.get("dropped") or []],
         "actions_total": [
             {key: action[key] for key in ("unit", "verb", "result", "count")}
             for action in snapshot.get("actions_total") or []

@@ -15,6 +15,8 @@ from certrelay import durations, idle, lineages, renewal, spool as spool_module,
 
 logger = logging.getLogger(__name__)
 
+DROPPED_FOR = 7 * 86400  # seconds `status` shows a dropped notification, unless the lineage is acted on
+
 class Recorder:
     """Records a batch's events into STATE_DIR/status.json; `finished` saves it."""
 
@@ -22,7 +24,7 @@ class Recorder:
         self.state_dir = state_dir
         # Tracked: every batch ends in finished(), which always changes last_run.
         self.store = state.Store(state_dir, "status.json", tracked=True)
-        for key in ("units", "actions_total", "endpoints", "kept", "acted", "alarms", "installs"):
+        for key in ("units", "actions_total", "endpoints", "kept", "acted", "alarms", "installs", "dropped"):
             if not isinstance(self.store.data.get(key), dict):
                 self.store.data[key] = {}
 
@@ -74,6 +76,12 @@ class Recorder:
         """Record that every action for lineage `name` succeeded at `now`, for the
         certificate whose DER fingerprint is `sha256` (None if unknown)."""
         self.data["acted"][name] = {"time": now, "sha256": sha256}
+        self.data["dropped"].pop(name, None)
+
+    def dropped(self, name, reason, now):
+        """Record that a notification for `name` was dropped at `now` because of `reason`
+        (its live certificate cannot be read): `status` shows it for DROPPED_FOR."""
+        self.data["dropped"][name] = {"time": now, "reason": reason}
 
     def kept(self, entry, name, failed, results, verdicts, actions):
         """Record why the notification `entry` of `name` is kept: its `failed` keys
@@ -98,6 +106,8 @@ class Recorder:
         self.data["last_run"] = now
         self.store.changed = True
         self.data["kept"] = {entry: value for entry, value in self.data["kept"].items() if entry in progress}
+        self.data["dropped"] = {name: value for name, value in self.data["dropped"].items()
+                                if now - value.get("time", 0) < DROPPED_FOR}
         self.store.save()
 
 
@@ -111,6 +121,9 @@ def snapshot(config_dir, rules, state_dir, error=None, scanned=None):
     last_run = max(filter(None, (data.get("last_run"), idle.last_checked(state_dir))), default=None)
     taken = {"time": now, "last_run": last_run, "error": error, "certificates": [], "units": [],
              "notifications": {"pending": 0, "kept": 0, "deferred": 0}, "actions_total": []}
+    dropped = data.get("dropped") if isinstance(data.get("dropped"), dict) else {}
+    taken["dropped"] = [{"name": name, "time": value.get("time"), "reason": value.get("reason")}
+                        for name, value in sorted(dropped.items()) if now - value.get("time", 0) < DROPPED_FOR]
     for counter, count in sorted((data.get("actions_total") or {}).items()):
         unit, verb, result = counter.split("\t")
         taken["actions_total"].append({"unit": unit, "verb": verb, "result": result, "count": count})

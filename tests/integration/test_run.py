@@ -478,3 +478,33 @@ def test_run_removes_day_old_temporary_files_of_killed_hooks_and_nothing_else(re
     assert sorted(os.listdir(tmp)) == ["moser-naef.ch.4343", "old-directory"]
     assert outside.read_text() == "host file\n"
     assert f"removed {relay.spool}/tmp/herzbube.ch.4242, left by a hook killed over a day ago" in result.stderr
+
+
+def test_a_notification_for_a_lineage_this_host_lacks_is_said_by_run_and_by_status_until_it_is_acted_on(relay):
+    import json
+
+    relay.publish("ghost.ch", renew=False)  # the container's volume is not this host's config dir, or a typo
+
+    result = relay.run()
+    text = relay.run(command="status")
+    document = json.loads(relay.run("--json", command="status").stdout)
+    relay.publish("ghost.ch")  # the lineage appears and is acted on
+    acted = relay.run()
+    after = relay.run(command="status")
+
+    said = (f"there is no lineage ghost.ch under live/: the container wrote a notification for a certificate this"
+            f" host does not have (is the container's /etc/letsencrypt {relay.config_dir}?)")
+    assert result.returncode == 1 and f"error: dropped the notification for ghost.ch: {said}" in result.stderr
+    assert text.returncode == 1 and f"ghost.ch: a notification was dropped at " in text.stdout and said in text.stdout
+    assert [(dropped["name"], dropped["reason"]) for dropped in document["dropped"]] == [("ghost.ch", said)]
+    assert acted.returncode == 0, acted.stderr
+    assert after.returncode == 0 and "dropped" not in after.stdout, after.stdout
+
+
+def test_check_warns_of_a_pending_notification_for_a_lineage_this_host_lacks(relay):
+    relay.publish("ghost.ch", renew=False)
+
+    result = relay.run(command="check")
+
+    assert f"warning: {relay.spool}/queue/ghost.ch: a notification for ghost.ch, but there is no lineage ghost.ch" \
+        f" under live/: is the container's /etc/letsencrypt {relay.config_dir}?" in result.stderr
