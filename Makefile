@@ -31,7 +31,7 @@ TEST_PACKAGES = make python3 python3-venv python3-pip python3-click python3-pyin
 	python3-sdnotify python3-pytest python3-hypothesis python3-cryptography \
 	busybox-static dash posh mksh yash shellcheck strace inotify-tools \
 	pebble openssl ca-certificates util-linux mount postfix dovecot-imapd dovecot-pop3d dovecot-managesieved prosody \
-	systemd systemd-container mmdebstrap \
+	systemd systemd-container mmdebstrap docker.io iproute2 \
 	build-essential debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
 	lintian man-db apprise
 
@@ -46,7 +46,8 @@ SUBSTITUTE = sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@PKGLIBDIR@|$(PKGLIBDIR)|g' \
 	-e 's|@DOCKER@|$(DOCKER)|g'
 SHELL_SCRIPTS = certrelay/certrelay-hook certrelay/certrelay-post-hook tests/fake_systemctl tests/acme_hooks/auth-hook \
 	tests/acme_hooks/cleanup-hook demo/demo.sh demo/systemctl demo/shell-probe-hook \
-	debian/certrelay.postinst debian/certrelay.postrm debian/tests/smoke tools/need tools/fresh-check
+	debian/certrelay.postinst debian/certrelay.postrm debian/tests/smoke tools/need tools/fresh-check \
+	tests/e2e/files/docker-acme-auth tests/e2e/files/docker-acme-cleanup tests/e2e/files/docker-probe-hook
 
 .PHONY: all install uninstall install-hook test test-deps lint test-system test-newest e2e demo bench clean \
 	deb lintian package fresh-check mutants
