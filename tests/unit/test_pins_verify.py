@@ -243,3 +243,68 @@ def test_a_failed_escalation_restart_is_an_error_naming_unit_lineage_and_why(esc
     assert restarted == {"x.service": failed}
     error = [record for record in caplog.records if record.levelno == logging.ERROR][0]
     assert error.getMessage() == "failed: restart x.service (a.ch): exit status 1"
+
+
+def test_checks_not_escalated_keep_their_verdict_beside_one_that_was(escalation, lineage, monkeypatch):
+    _, parts, r11 = lineage
+    leaf = ssl.PEM_cert_to_DER_cert(parts["cert"].decode())
+    other = plan.Check("a.ch", endpoint_module.parse_endpoint("tls://127.0.0.1:2"), None, (), True, frozenset())
+    fetch = probe.fetch_many
+
+    def fetch_many(targets, timeout):  # 127.0.0.1:2 serves leaf and chain: current from the start
+        return [probe.Served(endpoint, None, leaf, None, chain=(r11,)) if endpoint.port == 2 else served
+                for (endpoint, _), served in zip(targets, fetch(targets, timeout))]
+
+    monkeypatch.setattr(probe, "fetch_many", fetch_many)
+    real = verify.verify_and_escalate
+    monkeypatch.setattr(verify, "verify_and_escalate", lambda checks, *rest: real([*checks, other], *rest))
+
+    verdicts, restarted, calls, _ = escalation({})
+
+    assert [(verdict.check.endpoint.port, verdict.outcome) for verdict in verdicts] == [(1, "current"), (2, "current")]
+    assert list(restarted) == ["x.service"]
+
+
+def describe(lineage, outcome, units=(), server_name=None, **fields):
+    _, parts, _ = lineage
+    leaf = ssl.PEM_cert_to_DER_cert(parts["cert"].decode())
+    check = plan.Check("a.ch", endpoint_module.parse_endpoint("tls://127.0.0.1:1"), server_name, units, True,
+                       frozenset())
+    return verify.Verdict(check, outcome, probe.Served(check.endpoint, None, leaf, None), **fields).describe(), \
+        verify.summary(leaf)
+
+
+def test_a_verdict_names_sni_and_units_only_when_there_are_some(lineage):
+    line, served = describe(lineage, "current")
+    assert line == f"tls://127.0.0.1:1 serves the current certificate of a.ch ({served})"
+
+    line, _ = describe(lineage, "current", (("reload", "a.service"), ("restart", "b.service")), "www.a.ch")
+    assert line == f"tls://127.0.0.1:1 (SNI www.a.ch) serves the current certificate of a.ch ({served}) [a.service, b.service]"
+
+
+def test_a_stale_chain_without_units_says_to_reload_the_service(lineage):
+    r11 = lineage[2]
+    line, served = describe(lineage, "chain", chain=((), (r11,)))
+
+    assert line == (f"tls://127.0.0.1:1 serves the current certificate of a.ch ({served}) with a stale chain"
+                    f" (intermediates served: none; chain.pem: {verify.certificates([r11])}): reload or restart the"
+                    " service so that it reads chain.pem or fullchain.pem again, not a copy of an old one")
+
+
+def test_an_old_certificate_without_the_live_ones_summary_says_just_that(lineage):
+    line, served = describe(lineage, "old")
+
+    start = f"tls://127.0.0.1:1 still serves an OLD certificate of a.ch ({served}), not the live one"
+    assert line.startswith(start) and line[len(start):][:2] in ("", ": ")  # no summary of the live one
+
+
+def test_a_verdict_logged_without_settings_is_one_line_and_no_expiry_check(lineage, caplog):
+    _, parts, _ = lineage
+    leaf = ssl.PEM_cert_to_DER_cert(parts["cert"].decode())
+    check = plan.Check("a.ch", endpoint_module.parse_endpoint("tls://127.0.0.1:1"), None, (), True, frozenset())
+    verdict = verify.Verdict(check, "current", probe.Served(check.endpoint, None, leaf, None))
+    caplog.set_level(logging.DEBUG, logger="certrelay.verify")
+
+    verify.log(verdict)
+
+    assert [record.getMessage() for record in caplog.records] == [f"verified: {verdict.describe()}"]
