@@ -308,3 +308,14 @@ def test_a_verdict_logged_without_settings_is_one_line_and_no_expiry_check(linea
     verify.log(verdict)
 
     assert [record.getMessage() for record in caplog.records] == [f"verified: {verdict.describe()}"]
+
+
+def test_a_live_certificate_that_cannot_be_read_is_an_error_naming_lineage_and_why(tmp_path, caplog):
+    with pytest.raises(certificate.CertificateError) as raised:
+        certificate.live_certificate(str(tmp_path), "gone.ch")
+    caplog.set_level(logging.DEBUG, logger="certrelay.verify")
+
+    assert verify.Fingerprints(str(tmp_path)).live_der("gone.ch") == (None, None)
+
+    assert [record.getMessage() for record in caplog.records] == [
+        f"cannot verify gone.ch: its live certificate cannot be read: {raised.value}"]
