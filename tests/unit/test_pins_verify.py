@@ -319,3 +319,24 @@ def test_a_live_certificate_that_cannot_be_read_is_an_error_naming_lineage_and_w
 
     assert [record.getMessage() for record in caplog.records] == [
         f"cannot verify gone.ch: its live certificate cannot be read: {raised.value}"]
+
+
+def test_verify_by_default_probes_again_until_current_and_logs_each_verdict(lineage, monkeypatch, caplog):
+    _, parts, r11 = lineage
+    leaf = ssl.PEM_cert_to_DER_cert(parts["cert"].decode())
+    check = plan.Check("a.ch", endpoint_module.parse_endpoint("tls://127.0.0.1:1"), None, (), True, frozenset())
+    rounds = []
+
+    def fetch_many(targets, timeout):  # the intermediate from the second round on
+        rounds.append(timeout)
+        return [probe.Served(check.endpoint, None, leaf, None, chain=(r11,) if len(rounds) > 1 else ())
+                for _ in targets]
+
+    monkeypatch.setattr(probe, "fetch_many", fetch_many)
+    monkeypatch.setattr(verify.time, "sleep", lambda seconds: None)  # the pause between rounds
+    caplog.set_level(logging.INFO, logger="certrelay.verify")
+
+    [verdict] = verify.verify([check], lineage[0], 30)
+
+    assert verdict.outcome == "current" and len(rounds) == 2
+    assert [record.getMessage() for record in caplog.records] == [f"verified: {verdict.describe()}"]
