@@ -338,5 +338,5 @@ def test_verify_by_default_probes_again_until_current_and_logs_each_verdict(line
 
     [verdict] = verify.verify([check], lineage[0], 30)
 
-    assert verdict.outcome == "current" and len(rounds) == 2
+    assert verdict.outcome == "current" and rounds == [verify.ATTEMPT_TIMEOUT] * 2  # 10 s each, 30 s in all
     assert [record.getMessage() for record in caplog.records] == [f"verified: {verdict.describe()}"]
