@@ -363,3 +363,47 @@ def test_service_has_a_start_timeout(world):
     """A hung `docker run` cannot hold the oneshot forever: TimeoutStartSec is finite."""
     shown = world.container.show(SERVICE, "TimeoutStartUSec")["TimeoutStartUSec"]
     assert shown not in ("infinity", "0", ""), shown
+
+
+def test_hung_docker_run_is_ended_by_the_timeout_and_the_next_run_works(world):
+    """certbot hangs in the container (its auth hook never returns), with the unit's start
+    timeout shortened by a drop-in: systemd ends the start with result 'timeout', the
+    container is gone (not left running, holding the name certbot-renew), and the next
+    start of the service renews and relays as usual."""
+    container = world.container
+    dropin = world.root / "etc/systemd/system" / f"{SERVICE}.d" / "e2e-short-timeout.conf"
+    dropin.parent.mkdir(parents=True, exist_ok=True)
+    dropin.write_text("[Service]\nTimeoutStartSec=20s\n")
+    hang = world.acme / "hang"
+    container.systemctl("daemon-reload")
+    try:
+        world.wait_until_due(NAME)
+        world.deactivate_authorizations()
+        hang.touch()
+        since = datetime.datetime.now().timestamp() - 1
+
+        done = container.run(["systemctl", "start", SERVICE], timeout=CHAIN_TIMEOUT)
+
+        journal = chain_journal(world, since)
+        assert done.returncode != 0, world.explain(journal)
+        assert container.show(SERVICE, "Result")["Result"] == "timeout", world.explain(journal)
+
+        def container_gone():
+            listed = world.daemon.docker("ps", "--all", "--quiet", "--filter", "name=certbot-renew").stdout
+            return listed.strip() == ""
+
+        wait_until(container_gone, 120, what="the hung certbot container to be gone",
+                   explain=lambda: world.explain(world.daemon.docker("ps", "--all").stdout))
+    finally:
+        hang.unlink(missing_ok=True)
+        dropin.unlink()
+        dropin.parent.rmdir()
+        container.systemctl("daemon-reload")
+        container.systemctl("reset-failed", SERVICE, check=False)
+
+    old = world.serial()
+    done = container.run(["systemctl", "start", SERVICE], timeout=CHAIN_TIMEOUT)
+    assert done.returncode == 0, world.explain(done.stdout + done.stderr)
+    new = world.serial()
+    assert new != old
+    assert served_serials(container) == {unit: new for unit in ("apache2", "dovecot", "exim4")}, world.explain()
