@@ -340,3 +340,30 @@ def test_verify_by_default_probes_again_until_current_and_logs_each_verdict(line
 
     assert verdict.outcome == "current" and rounds == [verify.ATTEMPT_TIMEOUT] * 2  # 10 s each, 30 s in all
     assert [record.getMessage() for record in caplog.records] == [f"verified: {verdict.describe()}"]
+
+
+def test_an_endpoint_serving_another_certificate_is_told_the_live_ones_serial_and_expiry(lineage, monkeypatch):
+    from tests import certs
+
+    config_dir, parts, _ = lineage
+    stranger = ssl.PEM_cert_to_DER_cert(certs.make_certificate(["a.ch"])[0].decode())
+    check = plan.Check("a.ch", endpoint_module.parse_endpoint("tls://127.0.0.1:1"), None, (), True, frozenset())
+    monkeypatch.setattr(probe, "fetch_many", lambda targets, timeout: [
+        probe.Served(check.endpoint, None, stranger, None) for _ in targets])
+
+    [verdict] = verify.verify([check], config_dir, 30, quiet=True, once=True)
+
+    assert verdict.outcome == "other" and verdict.owner is None
+    assert verdict.live == verify.summary(ssl.PEM_cert_to_DER_cert(parts["cert"].decode()))
+
+
+def test_an_endpoint_of_a_lineage_whose_live_certificate_cannot_be_read_is_still_judged(lineage, monkeypatch):
+    config_dir, parts, _ = lineage
+    served = ssl.PEM_cert_to_DER_cert(parts["cert"].decode())  # a.ch's, at gone.ch's endpoint
+    check = plan.Check("gone.ch", endpoint_module.parse_endpoint("tls://127.0.0.1:1"), None, (), True, frozenset())
+    monkeypatch.setattr(probe, "fetch_many", lambda targets, timeout: [
+        probe.Served(check.endpoint, None, served, None) for _ in targets])
+
+    [verdict] = verify.verify([check], config_dir, 30, quiet=True, once=True)
+
+    assert (verdict.outcome, verdict.expected, verdict.owner, verdict.live) == ("other", None, "a.ch", None)
