@@ -407,3 +407,52 @@ def test_hung_docker_run_is_ended_by_the_timeout_and_the_next_run_works(world):
     new = world.serial()
     assert new != old
     assert served_serials(container) == {unit: new for unit in ("apache2", "dovecot", "exim4")}, world.explain()
+
+
+def test_docker_daemon_not_running_certrelay_still_runs_and_the_journal_says_why(world):
+    """No daemon behind /run/docker.sock (the link removed, as when docker.service is
+    stopped): the service's `docker run` fails at once, certrelay runs all the same, and
+    the journal says the client cannot reach the daemon."""
+    container = world.container
+    since = datetime.datetime.now().timestamp() - 1
+    container.run(["rm", "/run/docker.sock"], check=True)
+    try:
+        container.run(["systemctl", "start", SERVICE], timeout=CHAIN_TIMEOUT)
+        journal = chain_journal(world, since)
+        assert "Cannot connect to the Docker daemon at unix:///var/run/docker.sock" in journal, world.explain(journal)
+        assert last_run(world) >= since, world.explain(journal)
+        assert container.show(SERVICE, "Result")["Result"] == "success", world.explain(journal)
+    finally:
+        container.run(["systemd-tmpfiles", "--create", "/etc/tmpfiles.d/certrelay-e2e-docker.conf"], check=True)
+        container.systemctl("reset-failed", SERVICE, check=False)
+    assert container.run(["docker", "version"]).returncode == 0
+
+
+@pytest.mark.parametrize("units", [("certrelay.path", "certrelay-retry.timer"), ("certrelay-watch.service",)],
+                         ids=["path-unit", "watch-daemon"])
+def test_notification_from_the_container_reaches_the_services_through(world, units):
+    """With the path unit (or the watch daemon) enabled instead of the cron line, a renewal
+    in the real container (forced: `renew --force-renewal --quiet`) writes the notification
+    that starts certrelay; apache2, dovecot and exim4 then serve the new certificate."""
+    container = world.container
+    unit = "certrelay.service" if units[0] == "certrelay.path" else units[0]
+    since = datetime.datetime.now().timestamp() - 1
+    container.systemctl("enable", "--now", *units)
+    try:
+        for name in units:
+            assert container.systemctl("is-enabled", name).strip() == "enabled"
+        done = world.certbot("renew", "--force-renewal", "--cert-name", NAME, "--quiet")
+        assert done.returncode == 0, done.stdout + done.stderr
+        new = world.serial()
+
+        def relayed():
+            return served_serials(container) == {service: new for service in ("apache2", "dovecot", "exim4")}
+
+        wait_until(relayed, 120, what=f"{unit} to relay the renewal", explain=world.explain)
+        wait_until(lambda: f"done: restart dovecot.service ({NAME})" in container.journal(unit, since=since), 30,
+                   what=f"{unit}'s journal to say it restarted dovecot", explain=world.explain)
+        wait_until(lambda: spool_entries(world.config) == {"queue": [], "claimed": []}, 30,
+                   what="the spool to be empty", explain=world.explain)
+    finally:
+        container.systemctl("disable", "--now", *units, check=False)
+        container.systemctl("reset-failed", "certrelay.service", *units, check=False)
