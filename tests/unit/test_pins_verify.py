@@ -321,25 +321,58 @@ def test_a_live_certificate_that_cannot_be_read_is_an_error_naming_lineage_and_w
         f"cannot verify gone.ch: its live certificate cannot be read: {raised.value}"]
 
 
-def test_verify_by_default_probes_again_until_current_and_logs_each_verdict(lineage, monkeypatch, caplog):
+@pytest.fixture
+def rounds(lineage, monkeypatch):
+    """A fake clock that only sleep() moves, and an endpoint at 127.0.0.1:1 that sends
+    a.ch's intermediate from round `current_from` on (never if None). Return
+    (the check, set current_from, the timeout of each probe round, the sleeps)."""
     _, parts, r11 = lineage
     leaf = ssl.PEM_cert_to_DER_cert(parts["cert"].decode())
     check = plan.Check("a.ch", endpoint_module.parse_endpoint("tls://127.0.0.1:1"), None, (), True, frozenset())
-    rounds = []
+    clock, timeouts, sleeps, current_from = [1000.0], [], [], [None]
 
-    def fetch_many(targets, timeout):  # the intermediate from the second round on
-        rounds.append(timeout)
-        return [probe.Served(check.endpoint, None, leaf, None, chain=(r11,) if len(rounds) > 1 else ())
-                for _ in targets]
+    def fetch_many(targets, timeout):
+        timeouts.append(timeout)
+        good = current_from[0] is not None and len(timeouts) >= current_from[0]
+        return [probe.Served(check.endpoint, None, leaf, None, chain=(r11,) if good else ()) for _ in targets]
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        clock[0] += seconds
 
     monkeypatch.setattr(probe, "fetch_many", fetch_many)
-    monkeypatch.setattr(verify.time, "sleep", lambda seconds: None)  # the pause between rounds
+    monkeypatch.setattr(verify.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(verify.time, "sleep", sleep)
+    return check, current_from, timeouts, sleeps
+
+
+def test_verify_by_default_probes_again_until_current_and_logs_each_verdict(lineage, rounds, caplog):
+    check, current_from, timeouts, sleeps = rounds
+    current_from[0] = 3
     caplog.set_level(logging.INFO, logger="certrelay.verify")
 
     [verdict] = verify.verify([check], lineage[0], 30)
 
-    assert verdict.outcome == "current" and rounds == [verify.ATTEMPT_TIMEOUT] * 2  # 10 s each, 30 s in all
+    assert verdict.outcome == "current"
+    assert timeouts == [verify.ATTEMPT_TIMEOUT] * 3 and sleeps == [0.5, 1.0]  # pauses doubling, none after
     assert [record.getMessage() for record in caplog.records] == [f"verified: {verdict.describe()}"]
+
+
+def test_verify_probes_until_the_deadline_each_round_at_least_a_second_or_once(lineage, rounds):
+    check, _, timeouts, sleeps = rounds
+
+    [verdict] = verify.verify([check], lineage[0], 2, quiet=True)
+
+    assert verdict.outcome == "chain"
+    assert timeouts == [2.0, 1.5, 1.0] and sleeps == [0.5, 1.0]  # the third round ends past the deadline
+
+    del timeouts[:], sleeps[:]
+    verify.verify([check], lineage[0], 1.5, quiet=True)  # a round due exactly at the deadline is not begun
+    assert timeouts == [1.5, 1.0] and sleeps == [0.5]
+
+    del timeouts[:], sleeps[:]
+    assert verify.verify([check], lineage[0], 2, quiet=True, once=True)[0].outcome == "chain"
+    assert timeouts == [2.0] and sleeps == []
 
 
 def test_an_endpoint_serving_another_certificate_is_told_the_live_ones_serial_and_expiry(lineage, monkeypatch):
