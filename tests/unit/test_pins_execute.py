@@ -147,3 +147,27 @@ def test_a_dry_run_applies_nothing_and_says_what_it_would(caplog):
 
     assert execute.apply([plan.Action("restart", "exim4.service", ("a.ch",))], pytest.fail, dry_run=True) == {}
     assert [record.getMessage() for record in caplog.records] == ["would restart exim4.service (a.ch)"]
+
+
+def test_a_command_never_reads_certrelays_own_stdin():
+    reading, writing = os.pipe()
+    os.write(writing, b"typed at the terminal")
+    os.close(writing)
+    saved = os.dup(0)
+    os.dup2(reading, 0)
+    try:
+        result = execute.run_command(["/bin/cat"], 10)
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+        os.close(reading)
+
+    assert result == execute.Result(True, "", "")
+
+
+def test_each_command_is_logged_at_debug_before_it_runs(caplog):
+    caplog.set_level(logging.DEBUG, logger="certrelay.execute")
+
+    execute.run_command(["/bin/true", "two words"], 10)
+
+    assert [record.getMessage() for record in caplog.records] == ["running /bin/true two words"]
