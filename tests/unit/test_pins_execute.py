@@ -171,3 +171,12 @@ def test_each_command_is_logged_at_debug_before_it_runs(caplog):
     execute.run_command(["/bin/true", "two words"], 10)
 
     assert [record.getMessage() for record in caplog.records] == ["running /bin/true two words"]
+
+
+def test_an_action_done_without_detail_is_logged_as_just_done(caplog):
+    action = plan.Action("reload", "apache2.service", ("a.ch",))
+    caplog.set_level(logging.INFO, logger="certrelay.execute")
+
+    execute.apply([action], lambda action: execute.Result(True))
+
+    assert [record.getMessage() for record in caplog.records] == ["done: reload apache2.service (a.ch)"]
