@@ -456,3 +456,26 @@ def test_notification_from_the_container_reaches_the_services_through(world, uni
     finally:
         container.systemctl("disable", "--now", *units, check=False)
         container.systemctl("reset-failed", "certrelay.service", *units, check=False)
+
+
+def test_volume_without_the_hook_reconcile_still_reaches_the_services(world):
+    """A container volume without certrelay's deploy hook (a new /etc/letsencrypt, the hook
+    never installed): the renewal in the container leaves no notification, yet the cron
+    line's `certrelay run` finds the renewed lineage (reconcile, saying no notification
+    came) and apache2, dovecot and exim4 serve the new certificate."""
+    hook = world.config / "renewal-hooks" / "deploy" / "certrelay-hook"
+    aside = world.root / "root" / "certrelay-hook.aside"
+    os.rename(hook, aside)
+    try:
+        done = world.certbot("renew", "--force-renewal", "--cert-name", NAME, "--quiet")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert spool_entries(world.config)["queue"] == [], "a notification came although the hook is gone"
+        new = world.serial()
+
+        status, output = world.certrelay("run")
+
+        assert status == 0, world.explain(output)
+        assert "no notification came" in output, output
+        assert served_serials(world.container) == {unit: new for unit in ("apache2", "dovecot", "exim4")}, world.explain(output)
+    finally:
+        os.rename(aside, hook)
