@@ -296,6 +296,24 @@ def test_a_batch_keeps_what_it_read_of_each_certificate_in_the_state_dir(relay, 
     assert kept["a.ch"]["sha256"] == hashlib.sha256(certificate.pem_to_der(pem)).hexdigest()
 
 
+def test_status_json_records_what_was_acted_on_and_each_notification_kept(relay, process, monkeypatch, now):
+    relay.write_rules('[settings]\nmin-interval = 0\n\n[[rule]]\nmatch = ["a.ch"]\nreload = ["apache2"]\n\n'
+                      '[[rule]]\nmatch = ["c.ch", "d.ch"]\nrestart = ["exim4"]\n')
+    relay.behave("fail", "exim4.service")
+    for name in ("a.ch", "c.ch", "d.ch"):
+        relay.publish(name)
+    at(monkeypatch, now)
+
+    outcome = process()
+
+    assert (outcome.done, outcome.kept) == (1, 2)
+    with open(os.path.join(relay.state_dir, "status.json"), encoding="utf-8") as file:
+        recorded = json.load(file)
+    assert recorded["acted"]["a.ch"] == {"time": now, "sha256": certificate.fingerprint(relay.config_dir, "a.ch")}
+    assert sorted((entry.partition("@")[0], kept["name"]) for entry, kept in recorded["kept"].items()) == [
+        ("c.ch", "c.ch"), ("d.ch", "d.ch")]
+
+
 def test_a_replay_of_a_notification_kept_from_a_flaky_unit_is_still_retried(relay, process):
     """a.ch@1 waits for exim4 (failed), a.ch@2 (a replay) for dovecot (failed now): when
     a.ch@1 is done the ledger holds the certificate, and a.ch@2 must not be dropped as
