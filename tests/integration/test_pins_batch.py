@@ -296,17 +296,21 @@ def test_a_batch_keeps_what_it_read_of_each_certificate_in_the_state_dir(relay, 
     assert kept["a.ch"]["sha256"] == hashlib.sha256(certificate.pem_to_der(pem)).hexdigest()
 
 
-def test_status_json_records_what_was_acted_on_and_each_notification_kept(relay, process, monkeypatch, now):
+def test_status_json_records_what_was_acted_on_and_each_notification_kept(relay, process, monkeypatch, now, caplog):
     relay.write_rules('[settings]\nmin-interval = 0\n\n[[rule]]\nmatch = ["a.ch"]\nreload = ["apache2"]\n\n'
                       '[[rule]]\nmatch = ["c.ch", "d.ch"]\nrestart = ["exim4"]\n')
     relay.behave("fail", "exim4.service")
     for name in ("a.ch", "c.ch", "d.ch"):
         relay.publish(name)
     at(monkeypatch, now)
+    caplog.set_level(logging.WARNING, logger="certrelay.batch")
 
     outcome = process()
 
     assert (outcome.done, outcome.kept) == (1, 2)
+    claimed = os.path.join(relay.config_dir, "certrelay", "claimed")
+    assert sorted(record.getMessage() for record in caplog.records if record.name == "certrelay.batch") == [
+        f"kept the notification for {name} in {claimed}; a later run retries what failed" for name in ("c.ch", "d.ch")]
     with open(os.path.join(relay.state_dir, "status.json"), encoding="utf-8") as file:
         recorded = json.load(file)
     assert recorded["acted"]["a.ch"] == {"time": now, "sha256": certificate.fingerprint(relay.config_dir, "a.ch")}
