@@ -318,6 +318,21 @@ def test_status_json_records_what_was_acted_on_and_each_notification_kept(relay,
         ("c.ch", "c.ch"), ("d.ch", "d.ch")]
 
 
+def test_a_renewal_without_a_notification_is_counted_and_the_ledger_moves_only_once_acted_on(relay, process):
+    relay.write_rules(UNITS)
+    relay.publish("a.ch")
+    process()
+    acted_on = certificate.fingerprint(relay.config_dir, "a.ch")
+    relay.renew("a.ch")  # the container's deploy hook did not run
+    relay.behave("fail", "apache2.service")
+
+    outcome = process()
+
+    assert (outcome.unannounced, outcome.kept) == (1, 1)
+    with open(os.path.join(relay.state_dir, "ledger.json"), encoding="utf-8") as file:
+        assert json.load(file) == {"a.ch": acted_on}
+
+
 def test_a_replay_of_a_notification_kept_from_a_flaky_unit_is_still_retried(relay, process):
     """a.ch@1 waits for exim4 (failed), a.ch@2 (a replay) for dovecot (failed now): when
     a.ch@1 is done the ledger holds the certificate, and a.ch@2 must not be dropped as
