@@ -23,6 +23,15 @@ of it (certbot's policy for short lifetimes), and /etc/letsencrypt/cli.ini has
 `no-random-sleep-on-renew = true`, as the README says. The certificates are obtained by
 the image too (`docker run ... certonly`, DNS-01 through challtestsrv).
 
+Checked: the image is like the official one; the README's cron line, read from
+README.md and run as cron runs it, renews in the container and every service serves the
+new certificate (`certrelay verify`), the deploy hook having run under BusyBox as root
+with the image's umask; `systemctl enable --now certbot-docker-renew.timer` and its
+service with one certificate failing; the image missing, the daemon not running: the
+journal says so and certrelay still runs; a hung `docker run` ended by the unit's start
+timeout, the container gone; the path unit and the watch daemon relaying a notification
+written in the container; a volume without the hook (reconcile).
+
 Needs root, dockerd (docker.io), mmdebstrap, systemd-nspawn, pebble. The image's root
 file system is cached in .cache/ (built in about a minute when its inputs change).
 """
@@ -36,6 +45,7 @@ from pathlib import Path
 
 import pytest
 
+from .. import acme
 from . import docker_image, dockerd, rootfs
 from .container import Container, wait_until
 from .test_e2e import (
@@ -87,7 +97,6 @@ class DockerWorld:
         self.pebble = pebble
 
     def serial(self, name=NAME):
-        from .. import acme
         return acme.cert_serial(self.config, name)
 
     def explain(self, *extra):
