@@ -460,3 +460,53 @@ def test_an_endpoint_serving_something_else_keeps_the_notification(relay, proces
 
     assert (outcome.verified, outcome.unverified, outcome.done, outcome.kept) == (0, 1, 0, 1)
     assert [entry.partition("@")[0] for entry in relay.entries("claimed")] == ["a.ch"]
+
+
+def test_a_dry_run_with_a_notification_no_rule_matches_still_says_what_it_would_verify(relay, process, caplog):
+    relay.write_rules('[[rule]]\nmatch = ["a.ch"]\nreload = ["apache2"]\nverify = ["https://127.0.0.1:8443"]\n')
+    relay.publish("z.org")  # no rule: the plan has no needs for it
+    relay.publish("a.ch")
+    caplog.set_level(logging.INFO, logger="certrelay.batch")
+
+    outcome = process(dry_run=True)
+
+    assert outcome.unmatched == 1
+    assert "would verify that https://127.0.0.1:8443 serves the live certificate of a.ch" in [
+        record.getMessage() for record in caplog.records]
+
+
+def test_an_escalation_restart_is_recorded_with_its_time_for_min_interval_and_status(
+        relay, process, serve, monkeypatch, now):
+    relay.renew("a.ch")
+    port = serve("a.ch")  # serves this certificate, and keeps serving it after the renewal: old
+    relay.write_rules(f'[settings]\nmin-interval = 0\nverify-timeout = "1s"\n\n[[rule]]\nmatch = ["a.ch"]\n'
+                      f'reload = ["tlsd"]\nverify = ["tls://127.0.0.1:{port}"]\n')
+    relay.publish("a.ch")
+    at(monkeypatch, now)
+
+    outcome = process()
+
+    assert relay.calls() == ["reload tlsd.service", "restart tlsd.service"]
+    assert (outcome.verified, outcome.unverified, outcome.kept) == (0, 1, 1)
+    with open(os.path.join(relay.state_dir, "units.json"), encoding="utf-8") as file:
+        assert json.load(file) == {"tlsd.service": now}
+    with open(os.path.join(relay.state_dir, "status.json"), encoding="utf-8") as file:
+        recorded = json.load(file)
+    assert {key: recorded["units"]["tlsd.service"][key] for key in ("verb", "result", "time")} == {
+        "verb": "restart", "result": "success", "time": now}
+    (endpoint,) = recorded["endpoints"]["a.ch"].values()
+    assert (endpoint["outcome"], endpoint["checked"]) == ("old", now)
+
+
+def test_a_unit_another_rule_restarted_is_not_restarted_again_for_an_old_certificate(relay, process, serve):
+    relay.renew("a.ch")
+    port = serve("a.ch")
+    relay.write_rules(f'[settings]\nmin-interval = 0\nverify-timeout = "1s"\n\n'
+                      f'[[rule]]\nmatch = ["a.ch"]\nreload = ["tlsd"]\nverify = ["tls://127.0.0.1:{port}"]\n\n'
+                      f'[[rule]]\nmatch = ["a.ch"]\nrestart = ["tlsd"]\n')
+    relay.publish("a.ch")
+
+    outcome = process()
+
+    assert relay.calls() == ["restart tlsd.service"]  # the strongest verb, once; no escalation after a restart
+    assert (outcome.unverified, outcome.kept) == (1, 1)

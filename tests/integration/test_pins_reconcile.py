@@ -65,3 +65,18 @@ def test_find_skips_the_announced_and_records_the_first_seen(config_dir, tmp_pat
             for notification, fingerprint in found] == [("b.ch@reconcile", "b.ch", ("b.ch", "*.b.ch"),
                                                           renewed[1].fingerprint)]
     assert ledger.data == {"b.ch": both[1].fingerprint}
+
+
+@pytest.mark.parametrize("dry_run, words", [(False, "acting on it"), (True, "would act on it")])
+def test_a_first_seen_lineage_whose_endpoint_serves_something_else_is_acted_on_and_said(
+        config_dir, tmp_path, caplog, monkeypatch, dry_run, words):
+    monkeypatch.setattr(reconcile, "FIRST_SIGHT_TIMEOUT", 0.3)  # one round: refused is refused
+    ledger = state.Store(str(tmp_path / "state"), "ledger.json")
+    parsed = rules(f'[[rule]]\nmatch = ["a.ch"]\nreload = ["apache2"]\nverify = ["https://127.0.0.1:{closed_port()}"]\n')
+    caplog.set_level(logging.WARNING, logger="certrelay.reconcile")
+
+    found = reconcile.find(scanned(config_dir), config_dir, parsed, ledger, set(), {}, dry_run=dry_run)
+
+    assert [notification.name for notification, _ in found] == ["a.ch"]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"a.ch: seen for the first time, and an endpoint does not serve its live certificate; {words}"]
