@@ -58,8 +58,8 @@ class Channels:
 
     def names(self):
         """Return the names of the channels set, for the outbox: "mail", "command
-        /path", "apprise URL"... (ping is not a channel of messages)."""
-        return ([] if not self.mail else ["mail"]) + ["command " + argv[0] for argv in self.command] \
+        /path ARG...", "apprise URL"... (ping is not a channel of messages)."""
+        return ([] if not self.mail else ["mail"]) + ["command " + " ".join(argv) for argv in self.command] \
             + ["apprise " + url for url in self.apprise]
 
     def problems(self):
@@ -96,7 +96,7 @@ def send(channels, message, names, timeout):
             if kind == "mail":
                 error = send_mail(channels.mail, message, timeout)
             elif kind == "command":
-                error = run(next(argv for argv in channels.command if argv[0] == target), message, timeout)
+                error = run(next(argv for argv in channels.command if " ".join(argv) == target), message, timeout)
             else:
                 error = send_apprise(target, message)
         except Exception as exception:  # a channel's failure never stops a batch  # noqa: BLE001

@@ -707,7 +707,7 @@ def test_alert_table_parses_into_its_channels():
     assert parsed.alert.command == (("/usr/local/bin/page", "{literal}"),)  # no placeholders: taken as written
     assert parsed.alert.apprise == ("ntfy://ntfy.example.ch/certs",)
     assert parsed.alert.ping == "https://hc-ping.com/1234"
-    assert parsed.alert.names() == ["mail", "command /usr/local/bin/page", "apprise ntfy://ntfy.example.ch/certs"]
+    assert parsed.alert.names() == ["mail", "command /usr/local/bin/page {literal}", "apprise ntfy://ntfy.example.ch/certs"]
     assert rules.parse(RULE.encode()).alert is None
 
 
