@@ -200,6 +200,9 @@ class Alerter:
         data = self.store.data
         if not isinstance(data.get("active"), dict) or not isinstance(data.get("outbox"), list):
             data.update(active={}, outbox=[])
+        # Written by certrelay alone, but a hand-edited entry must not stop every batch.
+        data["active"] = {key: said for key, said in data["active"].items() if isinstance(said, dict)}
+        data["outbox"] = [entry for entry in data["outbox"] if isinstance(entry, dict)]
 
     @property
     def quiet(self):
@@ -215,13 +218,13 @@ class Alerter:
         names = self.channels.names()
         standing = {problem.key: problem for problem in problems}
         for key in sorted(set(active) - set(standing)):
-            said = active.pop(key)
-            outbox.append(self.message("resolved", "resolved: " + said["subject"],
+            words = str(active.pop(key).get("subject", key))
+            outbox.append(self.message("resolved", "resolved: " + words,
                                        f"Resolved by {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(now))}:"
-                                       f" {said['subject']}.", names))
+                                       f" {words}.", names))
         for problem in problems:
             said = active.get(problem.key)
-            if said and now - said["sent"] < EVERY and said.get("since", 0) >= problem.since:
+            if said and now - said.get("sent", 0) < EVERY and said.get("since", 0) >= problem.since:
                 continue
             outbox.append(self.message(problem.level, problem.subject, problem.message, names))
             active[problem.key] = {"subject": problem.subject, "sent": now, "since": problem.since}
@@ -243,7 +246,7 @@ class Alerter:
         outbox = self.store.data["outbox"]
         if len(outbox) > OUTBOX_LIMIT:
             logger.error("%d alert(s) could not be sent for too long and are dropped: %s", len(outbox) - OUTBOX_LIMIT,
-                         "; ".join(message["subject"] for message in outbox[:-OUTBOX_LIMIT]))
+                         "; ".join(str(message.get("subject")) for message in outbox[:-OUTBOX_LIMIT]))
             del outbox[:-OUTBOX_LIMIT]
         kept, names = [], self.channels.names()
         for entry in outbox:

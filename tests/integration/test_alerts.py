@@ -274,3 +274,18 @@ def test_certbot_that_stopped_is_alerted_and_resolved_when_it_tries_again(relay,
         ("error", f"certrelay on {host}: certbot stopped renewing"),
         ("resolved", f"certrelay on {host}: resolved: certbot stopped renewing")]
     assert "is the container's cron line, or certbot-docker-renew.timer, still running?" in pager.messages()[0][2]
+
+
+def test_a_hand_edited_alerts_file_never_stops_a_batch(relay, pager):
+    relay.write_rules(rules(pager))
+    os.makedirs(relay.state_dir)
+    with open(os.path.join(relay.state_dir, "alerts.json"), "w", encoding="utf-8") as file:
+        json.dump({"active": {"x": "junk", "y": {}}, "outbox": ["junk", {"level": "error"}]}, file)
+    relay.publish(NAME)
+
+    result = relay.run()
+
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "dropped an unreadable message from the outbox" in result.stderr
+    assert [(level, subject) for level, subject, _ in pager.messages()] == [
+        ("resolved", f"certrelay on {os.uname().nodename}: resolved: y")]
