@@ -127,7 +127,10 @@ class DockerDaemon:
         tmpfiles.parent.mkdir(parents=True, exist_ok=True)
         tmpfiles.write_text(TMPFILES)
         dockerd = [
-            "/usr/sbin/dockerd", "--iptables=false", "--ip6tables=false", "--ip-masq=false",
+            # --ip-forward=false: containers talk only to the bridge's own address, which
+            # needs no forwarding; and /proc/sys is read-only where `make fresh-check` runs
+            # this (inside systemd-nspawn), so dockerd could not turn it on there.
+            "/usr/sbin/dockerd", "--iptables=false", "--ip6tables=false", "--ip-masq=false", "--ip-forward=false",
             f"--bip={BRIDGE_IP}/16", "--data-root", self.dir / "data", "--exec-root", self.dir / "exec",
             "--pidfile", self.dir / "docker.pid", "-H", f"unix://{self.socket}",
         ]
