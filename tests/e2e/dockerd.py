@@ -60,6 +60,12 @@ for dir in /etc /var/lib; do
     fi
     mount --bind "$root$dir/letsencrypt" "$dir/letsencrypt"
 done
+# dockerd turns on ip_forward (of this network namespace: without it `docker run` warns
+# on stderr, which cron would mail). Inside systemd-nspawn (make fresh-check) /proc/sys
+# is mounted read-only: make it writable in this mount namespace only.
+if [ ! -w /proc/sys/net/ipv4/ip_forward ]; then
+    mount -o remount,bind,rw /proc/sys
+fi
 exec "$@"
 """
 
@@ -127,10 +133,7 @@ class DockerDaemon:
         tmpfiles.parent.mkdir(parents=True, exist_ok=True)
         tmpfiles.write_text(TMPFILES)
         dockerd = [
-            # --ip-forward=false: containers talk only to the bridge's own address, which
-            # needs no forwarding; and /proc/sys is read-only where `make fresh-check` runs
-            # this (inside systemd-nspawn), so dockerd could not turn it on there.
-            "/usr/sbin/dockerd", "--iptables=false", "--ip6tables=false", "--ip-masq=false", "--ip-forward=false",
+            "/usr/sbin/dockerd", "--iptables=false", "--ip6tables=false", "--ip-masq=false",
             f"--bip={BRIDGE_IP}/16", "--data-root", self.dir / "data", "--exec-root", self.dir / "exec",
             "--pidfile", self.dir / "docker.pid", "-H", f"unix://{self.socket}",
         ]
