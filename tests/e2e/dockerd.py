@@ -1,25 +1,31 @@
-"""A real Docker daemon beside a booted e2e system, and Pebble where its containers reach it.
+"""A real Docker daemon beside a booted e2e system, Pebble where its containers reach it,
+and certbot in the test image.
 
     daemon = DockerDaemon(root, work_dir).start()   # root: the booted system's tree
     daemon.docker("images")                          # the client, on the daemon's socket
-    acme = PebbleOnBridge(daemon, work_dir, ca_dir).start()
+    certbot = CertbotInDocker(daemon, root / "etc/letsencrypt").prepare()   # the image, derived
+    acme = PebbleOnBridge(daemon, work_dir, certbot.acme_dir, validity).start()
+    certbot.certonly(["example.test", "*.example.test"])
     ...
     acme.stop(); daemon.stop()                       # by PID; the daemon's mounts unmounted
 
 dockerd runs on the host, not in the booted system: it needs overlay2 for its layers,
 which does not stack on the overlay the booted system's root is, and cgroup and mount
-rights that systemd-nspawn withholds. It runs in a private mount and network namespace
-(`unshare --mount --net`) in which /etc/letsencrypt and /var/lib/letsencrypt are bind
-mounts of the booted system's: bind-mount sources are resolved by the daemon, so the
-README's `-v /etc/letsencrypt:/etc/letsencrypt` gives the container the booted system's
-certificates, exactly as on a server. The booted system talks to the daemon with
-Debian's docker client through /run/docker.sock, a symlink (tmpfiles.d) to the socket
-the daemon listens on inside the booted system's tree.
+rights that systemd-nspawn withholds. It runs in a private mount namespace (`unshare
+--mount`) in which /etc/letsencrypt and /var/lib/letsencrypt are bind mounts of the
+booted system's: bind-mount sources are resolved by the daemon, so the README's `-v
+/etc/letsencrypt:/etc/letsencrypt` gives the container the booted system's certificates,
+exactly as on a server. The booted system talks to the daemon with Debian's docker client
+through /run/docker.sock, a symlink (tmpfiles.d) to the socket the daemon listens on
+inside the booted system's tree.
 
-Its containers use the default bridge (172.17.0.1/16, in the private network namespace
-only; no iptables): the README's line has no `--network host`, so certbot in the
-container reaches Pebble and pebble-challtestsrv on the bridge's address, where
-PebbleOnBridge starts them, in the daemon's network namespace.
+Its network namespace: a new one of its own (`unshare --net`), or, with `network_of=PID`,
+that of the booted system (its PID 1): then, as on a server, a port a container publishes
+(`-p 8443:443`, through docker-proxy: no iptables here) is on the booted system's
+loopback, where certrelay's `verify` connects. Its containers use the default bridge
+(172.17.0.1/16, in that network namespace only; no iptables): the README's line has no
+`--network host`, so certbot in the container reaches Pebble and pebble-challtestsrv on
+the bridge's address, where PebbleOnBridge starts them, in the daemon's network namespace.
 """
 
 import json
@@ -29,7 +35,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from . import rootfs
+from . import docker_image, rootfs
 from .container import wait_until
 
 DOCKER = "/usr/bin/docker"  # Debian's client (docker.io), the one the booted system gets too
@@ -39,9 +45,16 @@ SOCKET_IN_ROOT = "/var/lib/certrelay-e2e-docker/docker.sock"
 TMPFILES = f"L+ /run/docker.sock - - - - {SOCKET_IN_ROOT}\n"
 PEBBLE_PORT, PEBBLE_MANAGEMENT_PORT, DNS_PORT, CHALLTESTSRV_PORT = 14000, 15000, 8053, 8055
 DIRECTORY_URL = f"https://{BRIDGE_IP}:{PEBBLE_PORT}/dir"
+FILES = Path(__file__).resolve().parent / "files"
+ACME_HOOKS = rootfs.REPO / "tests" / "acme_hooks"
+#: The image's name in the README's cron line, and where certbot's ACME test hooks and
+#: Pebble's CA live: in the volume, so that the container reads them.
+IMAGE = "certbot/dns-cloudflare"
+ACME_DIR = "/etc/letsencrypt/e2e-acme"
 
-# Runs as root in the new mount and network namespaces, then execs dockerd. Args: the
-# booted system's root, a scratch directory for a tmpfs, then dockerd's argv.
+# Runs as root in the new mount namespace (and network namespace, unless dockerd joins the
+# booted system's), then execs dockerd. Args: the booted system's root, a scratch
+# directory for a tmpfs, then dockerd's argv.
 NAMESPACE_SCRIPT = r"""
 set -eu
 root=$1 scratch=$2
@@ -93,10 +106,12 @@ def _stop(process, timeout=30):
 
 
 class DockerDaemon:
-    """dockerd in private mount and network namespaces, its volumes resolving into `root`."""
+    """dockerd in a private mount namespace, its volumes resolving into `root`; in a network
+    namespace of its own, or in that of process `network_of` (the booted system's PID 1)."""
 
-    def __init__(self, root, work_dir):
+    def __init__(self, root, work_dir, network_of=None):
         self.root = Path(root)
+        self.network_of = network_of
         self.dir = Path(work_dir) / "docker"
         self.socket = self.root / SOCKET_IN_ROOT.lstrip("/")
         self.log_path = self.dir / "dockerd.log"
@@ -137,8 +152,12 @@ class DockerDaemon:
             f"--bip={BRIDGE_IP}/16", "--data-root", self.dir / "data", "--exec-root", self.dir / "exec",
             "--pidfile", self.dir / "docker.pid", "-H", f"unix://{self.socket}",
         ]
-        argv = ["unshare", "--mount", "--net", "--propagation", "private",
-                "/bin/sh", "-c", NAMESPACE_SCRIPT, "certrelay-dockerd", self.root, self.dir / "scratch", *dockerd]
+        if self.network_of is None:
+            namespaces = ["unshare", "--mount", "--net", "--propagation", "private"]
+        else:  # nsenter -n and unshare without --fork exec: the PID stays dockerd's
+            namespaces = ["nsenter", f"--net=/proc/{self.network_of}/ns/net",
+                          "unshare", "--mount", "--propagation", "private"]
+        argv = [*namespaces, "/bin/sh", "-c", NAMESPACE_SCRIPT, "certrelay-dockerd", self.root, self.dir / "scratch", *dockerd]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=log,
                                             stderr=subprocess.STDOUT, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
@@ -244,3 +263,64 @@ class PebbleOnBridge:
     def stop(self):
         for process in reversed(self.processes):
             _stop(process, timeout=10)
+
+
+def install_file(source, target, mode=0o755):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    target.chmod(mode)
+
+
+class CertbotInDocker:
+    """certbot in the test image (docker_image.py), run by `daemon` with the README's volumes.
+
+    `prepare()` puts the ACME test hooks into CONFIG/e2e-acme (in the volume: the
+    container runs them under BusyBox), imports the image as `imported`, derives from it
+    (no pull) an image that trusts Pebble's CA (REQUESTS_CA_BUNDLE, the ca.pem
+    PebbleOnBridge writes there) and tags that `derived` and certbot/dns-cloudflare:latest,
+    so that the README's line runs it unchanged.
+    """
+
+    def __init__(self, daemon, config_dir, image=None):
+        self.daemon = daemon
+        self.config = Path(config_dir)
+        self.acme_dir = self.config / ACME_DIR.removeprefix("/etc/letsencrypt/")
+        self.image = image or docker_image.certbot_image()
+        version = self.image.name.removeprefix("certbot-")
+        self.imported = f"certrelay-e2e/certbot-imported:{version}"
+        self.derived = f"certrelay-e2e/certbot-derived:{version}"
+
+    def prepare(self):
+        self.acme_dir.mkdir(parents=True, exist_ok=True)
+        install_file(FILES / "docker-acme-auth", self.acme_dir / "auth")
+        install_file(FILES / "docker-acme-cleanup", self.acme_dir / "cleanup")
+        install_file(ACME_HOOKS / "auth-hook", self.acme_dir / "auth-hook")
+        install_file(ACME_HOOKS / "cleanup-hook", self.acme_dir / "cleanup-hook")
+        docker_image.import_image(self.daemon.client, self.imported, image=self.image)
+        context = self.daemon.dir / f"derived-{self.image.name}"
+        context.mkdir(parents=True, exist_ok=True)
+        (context / "Dockerfile").write_text(f"FROM {self.imported}\nENV REQUESTS_CA_BUNDLE={ACME_DIR}/ca.pem\n")
+        self.daemon.docker("build", "-q", "-t", self.derived, context)
+        self.restore_tag()
+        return self
+
+    def restore_tag(self):
+        """Tag the derived image certbot/dns-cloudflare:latest (again)."""
+        self.daemon.docker("tag", self.derived, f"{IMAGE}:latest")
+
+    def run(self, *args, entrypoint=None, check=False, timeout=300):
+        """`docker run --rm` the image with the README's volumes; return the CompletedProcess."""
+        argv = ["run", "--rm", "-v", "/etc/letsencrypt:/etc/letsencrypt",
+                "-v", "/var/lib/letsencrypt:/var/lib/letsencrypt"]
+        if entrypoint:
+            argv += ["--entrypoint", entrypoint]
+        return self.daemon.docker(*argv, IMAGE, *args, check=check, timeout=timeout)
+
+    def certonly(self, domains, email="x@example.test"):
+        """Obtain a certificate for `domains` from Pebble (DNS-01 through challtestsrv)."""
+        args = ["certonly", "--manual", "--preferred-challenges", "dns",
+                "--manual-auth-hook", f"/bin/sh {ACME_DIR}/auth", "--manual-cleanup-hook", f"/bin/sh {ACME_DIR}/cleanup",
+                "--server", DIRECTORY_URL, "--non-interactive", "--agree-tos", "-m", email, "--no-eff-email"]
+        for domain in domains:
+            args += ["-d", domain]
+        return self.run(*args)

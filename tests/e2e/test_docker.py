@@ -9,10 +9,12 @@ entry point and volumes), derived once more to trust the test ACME server.
 Why dockerd runs beside the booted system and not inside it as its docker.service: its
 layers need overlay2, which does not stack on the overlay that is the booted system's
 root, and systemd-nspawn withholds the cgroup and mount rights a daemon inside needs.
-Beside it, in private mount and network namespaces (dockerd.py), its bind-mount sources
+Beside it, in a private mount namespace (dockerd.py), its bind-mount sources
 /etc/letsencrypt and /var/lib/letsencrypt resolve to the booted system's, as they do on
-a server where both are the host's; the booted system holds Debian's docker client,
-which reaches the daemon through /run/docker.sock. So the README's cron line and
+a server where both are the host's; and it shares the booted system's network namespace
+(so the system boots first, before it has certificates), as on a server, where a port a
+container publishes is on the host's loopback. The booted system holds Debian's docker
+client, which reaches the daemon through /run/docker.sock. So the README's cron line and
 certbot-docker-renew.service run unchanged inside the booted system, and the container
 they start sees the booted system's certificates, hooks and spool.
 
@@ -36,11 +38,11 @@ Needs root, dockerd (docker.io), mmdebstrap, systemd-nspawn, pebble. The image's
 file system is cached in .cache/ (built in about a minute when its inputs change).
 """
 
+import contextlib
 import datetime
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -56,17 +58,14 @@ from .test_e2e import (
 #: Pebble's certificate lifetime (s): long enough to renew, relay and verify a fresh one
 #: well before certrelay's expiry warning (a fifth of it left), short enough to be due soon.
 VALIDITY = 60
-IMAGE = "certbot/dns-cloudflare"
-#: The image as imported (docker_image.py), and the derived one that trusts Pebble.
-IMPORTED = f"certrelay-e2e/certbot-imported:{docker_image.CERTBOT_VERSION}"
-DERIVED = "certrelay-e2e/certbot-derived:latest"
-ACME_DIR = "/etc/letsencrypt/e2e-acme"  # inside: the hooks and Pebble's CA, in the volume
+IMAGE = dockerd.IMAGE
 SERVICE = "certbot-docker-renew.service"
 TIMER = "certbot-docker-renew.timer"
 #: Commands as cron runs them: a minimal environment, no TTY (stdin /dev/null, output captured).
 CRON_ENV = ["env", "-i", "PATH=/usr/bin:/bin", "SHELL=/bin/sh", "HOME=/root", "LOGNAME=root"]
 CHAIN_TIMEOUT = 300  # seconds for one renewal in the container and certrelay run after it
 DEBUG_UNITS = (SERVICE, "apache2", "dovecot", "exim4")
+SERVICES = ("apache2", "dovecot", "exim4")
 
 
 def cron_line():
@@ -86,15 +85,16 @@ pytestmark = [pytest.mark.e2e, pytest.mark.skipif(REASON is not None, reason=REA
 
 
 class DockerWorld:
-    """The booted system, the daemon beside it, Pebble on the bridge."""
+    """The booted system, the daemon in its network namespace, Pebble on the bridge, the image."""
 
-    def __init__(self, root, container, daemon, pebble):
+    def __init__(self, root, container, daemon, pebble, images):
         self.root = Path(root)
         self.config = self.root / "etc" / "letsencrypt"
-        self.acme = self.config / ACME_DIR.removeprefix("/etc/letsencrypt/")
+        self.acme = images.acme_dir
         self.container = container
         self.daemon = daemon
         self.pebble = pebble
+        self.images = images  # dockerd.CertbotInDocker
 
     def serial(self, name=NAME):
         return acme.cert_serial(self.config, name)
@@ -107,11 +107,7 @@ class DockerWorld:
 
     def certbot(self, *args, entrypoint=None):
         """`docker run --rm` the image with the README's volumes, from the test's side."""
-        argv = ["run", "--rm", "-v", "/etc/letsencrypt:/etc/letsencrypt",
-                "-v", "/var/lib/letsencrypt:/var/lib/letsencrypt"]
-        if entrypoint:
-            argv += ["--entrypoint", entrypoint]
-        return self.daemon.docker(*argv, IMAGE, *args, check=False)
+        return self.images.run(*args, entrypoint=entrypoint)
 
     def lifetime(self, name):
         """(not before, not after) of live/NAME/cert.pem, naive UTC."""
@@ -141,76 +137,73 @@ class DockerWorld:
         return done.returncode, done.stdout + done.stderr
 
     def restore_tag(self):
-        self.daemon.docker("tag", DERIVED, f"{IMAGE}:latest")
+        self.images.restore_tag()
+
+    def served(self):
+        """{service: serial it serves} for apache2, dovecot and exim4."""
+        return served_serials(self.container)
 
 
-def install_file(source, target, mode=0o755):
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
-    target.chmod(mode)
+@contextlib.contextmanager
+def docker_world(image=None, name="certrelay-e2e-docker", policy=None, validity=VALIDITY, log=print):
+    """Yield a DockerWorld: the booted Debian with certrelay (installed from its .deb),
+    apache2, dovecot and exim4; dockerd in its network namespace; Pebble on the bridge;
+    example.test and other.test obtained with `image` (a docker_image.Image, default the
+    current certbot) in the container, served by the three services; certrelay run once.
+    `policy`: a line for each renewal/NAME.conf (e.g. renew_before_expiry) before any
+    renewal; `validity`: Pebble's certificate lifetime (s). Everything is stopped by PID
+    and unmounted after.
 
+    The booted system comes first (apache2 and dovecot fail to start: no certificate yet),
+    then dockerd joins its network namespace (see dockerd.py), so that a container's
+    published port is on the booted system's loopback, as on a server."""
+    image = image or docker_image.certbot_image()
+    docker_image.cached_tar(image, log)
+    with rootfs.scratch_root(f"{name}-") as (root, work_dir, stack):
+        install_certrelay(root)
+        configure_services(root)
+        config = root / "etc" / "letsencrypt"
+        (config / "cli.ini").write_text("no-random-sleep-on-renew = true\n")
+        # Debian's docker client in the booted system (it is one static-enough binary: libc only).
+        dockerd.install_file(dockerd.DOCKER, root / "usr" / "bin" / "docker")
 
-def build_images(daemon):
-    """Import the cached root file system (docker_image.py), then derive the image the
-    tests run: FROM it, trusting Pebble's CA (in the volume) through REQUESTS_CA_BUNDLE."""
-    docker_image.import_image(daemon.client, IMPORTED)
-    context = daemon.dir / "derived"
-    context.mkdir()
-    (context / "Dockerfile").write_text(f"FROM {IMPORTED}\nENV REQUESTS_CA_BUNDLE={ACME_DIR}/ca.pem\n")
-    daemon.docker("build", "-q", "-t", DERIVED, "-t", f"{IMAGE}:latest", context)
+        container = Container(root, work_dir / "console.log", name=name)
+        stack.callback(container.stop)  # last: dockerd and Pebble live in its network namespace
+        container.boot()
+        daemon = dockerd.DockerDaemon(root, work_dir, network_of=container.leader)
+        stack.callback(daemon.stop)
+        daemon.start()
+        container.run(["systemd-tmpfiles", "--create", "/etc/tmpfiles.d/certrelay-e2e-docker.conf"], check=True)
+        images = dockerd.CertbotInDocker(daemon, config, image).prepare()
+        pebble = dockerd.PebbleOnBridge(daemon, work_dir, images.acme_dir, validity)
+        stack.callback(pebble.stop)
+        pebble.start()
+
+        world = DockerWorld(root, container, daemon, pebble, images)
+        for domains in ([NAME, f"*.{NAME}"], [OTHER]):
+            done = images.certonly(domains)
+            assert done.returncode == 0, f"certonly {domains} in the image failed:\n{done.stdout}{done.stderr}\n{pebble.log()}"
+            if policy:
+                conf = config / "renewal" / f"{domains[0]}.conf"
+                conf.write_text(f"{policy}\n{conf.read_text()}")
+        # The deploy hook may have run for the new certificates too: the services start with them.
+        for pending in (config / "certrelay" / "queue").iterdir():
+            pending.unlink()
+        share_certificates(config, group_id(root, "ssl-cert"))
+        dockerd.install_file(FILES / "docker-probe-hook", config / "renewal-hooks" / "deploy" / "zz-e2e-probe")
+        container.systemctl("reset-failed")
+        container.systemctl("restart", *SERVICES)
+        wait_until(lambda: all(world.served().values()), 60,
+                   what="apache2, dovecot, exim4 to serve TLS", explain=world.explain)
+        world.certrelay("run")  # records the live certificates (and may warn: they near expiry)
+        yield world
 
 
 @pytest.fixture(scope="module")
 def world():
-    """Build (or reuse) the image and the root file system; install certrelay, start dockerd
-    and Pebble, obtain example.test and other.test with the image, boot; clean up after."""
-    docker_image.cached_tar()
-    with rootfs.scratch_root("certrelay-e2e-docker-") as (root, work_dir, stack):
-        install_certrelay(root)
-        configure_services(root)
-        config = root / "etc" / "letsencrypt"
-        acme_dir = config / ACME_DIR.removeprefix("/etc/letsencrypt/")
-        acme_dir.mkdir(parents=True)
-        install_file(FILES / "docker-acme-auth", acme_dir / "auth")
-        install_file(FILES / "docker-acme-cleanup", acme_dir / "cleanup")
-        install_file(REPO / "tests" / "acme_hooks" / "auth-hook", acme_dir / "auth-hook")
-        install_file(REPO / "tests" / "acme_hooks" / "cleanup-hook", acme_dir / "cleanup-hook")
-        (config / "cli.ini").write_text("no-random-sleep-on-renew = true\n")
-        # Debian's docker client in the booted system (it is one static-enough binary: libc only).
-        install_file(dockerd.DOCKER, root / "usr" / "bin" / "docker")
-
-        daemon = dockerd.DockerDaemon(root, work_dir)
-        stack.callback(daemon.stop)
-        daemon.start()
-        build_images(daemon)
-        pebble = dockerd.PebbleOnBridge(daemon, work_dir, acme_dir, VALIDITY)
-        stack.callback(pebble.stop)
-        pebble.start()
-
-        world = DockerWorld(root, None, daemon, pebble)
-        for domains in ([NAME, f"*.{NAME}"], [OTHER]):
-            args = ["certonly", "--manual", "--preferred-challenges", "dns",
-                    "--manual-auth-hook", f"/bin/sh {ACME_DIR}/auth", "--manual-cleanup-hook", f"/bin/sh {ACME_DIR}/cleanup",
-                    "--server", dockerd.DIRECTORY_URL, "--non-interactive", "--agree-tos", "-m", "x@example.test",
-                    "--no-eff-email"]
-            for domain in domains:
-                args += ["-d", domain]
-            done = world.certbot(*args)
-            assert done.returncode == 0, f"certonly {domains} in the image failed:\n{done.stdout}{done.stderr}\n{pebble.log()}"
-        # The deploy hook ran for the new certificates too: the services start with them.
-        for pending in (config / "certrelay" / "queue").iterdir():
-            pending.unlink()
-        share_certificates(config, group_id(root, "ssl-cert"))
-        install_file(FILES / "docker-probe-hook", config / "renewal-hooks" / "deploy" / "zz-e2e-probe")
-
-        container = Container(root, work_dir / "console.log", name="certrelay-e2e-docker")
-        stack.callback(container.stop)
-        container.boot()
-        world.container = container
-        wait_until(lambda: all(served_serials(container).values()), 60,
-                   what="apache2, dovecot, exim4 to serve TLS", explain=world.explain)
-        world.certrelay("run")  # records the live certificates (and may warn: they near expiry)
-        yield world
+    """The DockerWorld of the current certbot image, for this module."""
+    with docker_world() as built:
+        yield built
 
 
 def exec_starts(container):
