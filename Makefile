@@ -33,9 +33,9 @@ TEST_PACKAGES = make python3 python3-venv python3-pip python3-click python3-pyin
 	pebble openssl ca-certificates util-linux mount postfix dovecot-imapd dovecot-pop3d dovecot-managesieved prosody \
 	systemd systemd-container mmdebstrap docker.io iproute2 \
 	build-essential debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
-	lintian man-db apprise
+	lintian man-db apprise etcd-server etcd-client python3-nacl
 
-UNITS = certrelay.path certrelay.service certrelay-retry.timer certrelay-watch.service \
+UNITS = certrelay.path certrelay.service certrelay-retry.timer certrelay-watch.service certrelay-subscribe.service \
         certbot-docker-renew.service certbot-docker-renew.timer
 PATHS = $(BINDIR) $(PKGLIBDIR) $(DOCDIR) $(CONFIG_DIR) $(STATE_DIR) $(RULES) $(PYTHON) $(DOCKER)
 BUILT = $(addprefix build/units/,$(UNITS)) build/bin/certrelay build/man/certrelay.8 \
@@ -85,8 +85,9 @@ build/completion/_certrelay: $(wildcard certrelay/*.py)
 	_CERTRELAY_COMPLETE=zsh_source $(COMPLETE)
 
 install: all
-	install -d $(DESTDIR)$(PKGLIBDIR)/certrelay
+	install -d $(DESTDIR)$(PKGLIBDIR)/certrelay/fleet
 	install -m 0644 certrelay/*.py $(DESTDIR)$(PKGLIBDIR)/certrelay/
+	install -m 0644 certrelay/fleet/*.py $(DESTDIR)$(PKGLIBDIR)/certrelay/fleet/
 	install -m 0755 certrelay/certrelay-hook $(DESTDIR)$(PKGLIBDIR)/certrelay/
 	install -m 0755 certrelay/certrelay-post-hook $(DESTDIR)$(PKGLIBDIR)/certrelay/
 	# Byte-compile now: under ProtectSystem=strict the service could not cache it.
@@ -144,7 +145,7 @@ test-system:
 # The venv is made again when PYTHON_NEWEST changes, and brought to the newest
 # releases on every run (that is its point).
 NEWEST_REQUIREMENTS = click pyinotify sdnotify 'pyasyncore; python_version >= "3.12"' cryptography \
-	pytest hypothesis apprise
+	pytest hypothesis apprise pynacl
 test-newest:
 	@if [ "$$(cat $(VENV_NEWEST)/made-with 2>/dev/null)" != "$(PYTHON_NEWEST)" ]; then \
 		rm -rf $(VENV_NEWEST) && $(PYTHON_NEWEST) -m venv $(VENV_NEWEST) && \
@@ -152,7 +153,8 @@ test-newest:
 	$(VENV_NEWEST)/bin/pip install -q --upgrade $(NEWEST_REQUIREMENTS)
 	@$(VENV_NEWEST)/bin/python -c 'import importlib.metadata as m, platform, sys; \
 		print("test-newest: Python", platform.python_version(), "(" + sys.argv[1] + ") with", \
-		", ".join(n + " " + m.version(n) for n in ("click", "cryptography", "pyinotify", "sdnotify", "apprise")))' \
+		", ".join(n + " " + m.version(n) for n in ("click", "cryptography", "pyinotify", "sdnotify", "apprise", \
+		"pynacl")))' \
 		"$(PYTHON_NEWEST)"
 	$(STRICT) $(VENV_NEWEST)/bin/python -m pytest $(PYTEST_FLAGS) -m "not e2e" tests
 

@@ -83,7 +83,7 @@ def expiry_alarms(scanned, rules, now):
         if lineage.facts is None:
             continue
         level = durations.level(lineage, now, settings["expiry-warning"], settings["expiry-critical"])
-        if level == "ok" or not rules.matching(lineage.name, lineage.domains):
+        if level == "ok" or not rules.selects(lineage.name, lineage.domains):
             continue
         days = lineage.info.days_left(now)
         state_words = "has EXPIRED" if days < 0 else f"expires in {days:.1f} days"
@@ -110,7 +110,7 @@ def undated(scanned, rules, config_dir):
                               f"{len(missing)} certificate(s) ({names}) without dates: {certinfo.NO_CRYPTOGRAPHY}"),
                       len(missing)))
     for lineage in scanned:
-        if lineage.facts is None and not lineage.no_cryptography and rules.matching(lineage.name, ()) \
+        if lineage.facts is None and not lineage.no_cryptography and rules.selects(lineage.name, ()) \
                 and not readable_now(config_dir, lineage.name):
             found.append((Problem(lineage.name, f"{lineage.name} without dates",
                                   f"{lineage.name}: the dates of the live certificate cannot be read, so no"
@@ -146,10 +146,12 @@ def overdue_alarms(scanned, rules, config_dir, now):
     selected lineage becomes overdue, or None, and {name: when certbot's policy renews
     it} for the selected lineages whose policy was read).
     """
+    if rules.subscribe:  # a fleet host: renewing is the certbot host's, which alarms for it
+        return [], [], None, {}
     grace, problems, overdue, upcoming = rules.settings["overdue-grace"], [], [], []
     with certificate.Tree(config_dir) as tree:  # config dir and renewal/ opened once, not per lineage
         found = [(lineage, *policy_of(config_dir, lineage, tree)) for lineage in scanned
-                 if lineage.facts is not None and rules.matching(lineage.name, lineage.domains)]
+                 if lineage.facts is not None and rules.selects(lineage.name, lineage.domains)]
     due_at = {lineage.name: renew_at for lineage, renew_at, _, error in found if error is None and renew_at}
     for lineage, renew_at, policy, error in found:
         if error is not None:
@@ -190,7 +192,7 @@ def attempt_alarms(scanned, rules, config_dir, due_at, now):
     said = utc(attempt.time)
     stopped = []
     for lineage in scanned:
-        if lineage.facts is None or not rules.matching(lineage.name, lineage.domains):
+        if lineage.facts is None or not rules.selects(lineage.name, lineage.domains):
             continue
         # Where certbot names the failed domains, a certificate issued before the attempt
         # is the one that failed to renew (even one issued minutes before); a renewal
@@ -241,6 +243,6 @@ def warning_due(scanned, rules, before):
             if crossing < before:
                 crossings.append((crossing, lineage.name, lineage.domains))
     for crossing, name, domains in sorted(crossings):
-        if rules.matching(name, domains):
+        if rules.selects(name, domains):
             return crossing
     return before

@@ -158,6 +158,8 @@ class Batch:
         done = {entry: set(keys) for entry, keys in self.progress.data.items()}
         if not changed:  # the common case of cron and retry timers: nothing to plan
             self.progress.data = {}  # nothing is kept: what was kept is in `changed`
+            if self.rules.fleet and not self.dry_run:
+                self.publish_stale(outcome, time.time())
             return self.finish(outcome, time.time())
         from certrelay import plan as plan_module
 
@@ -186,6 +188,8 @@ class Batch:
         outcome.failed = sum(not result.ok for result in results.values())
         verdicts = self.verify(checks, ready, results, outcome)
         self.settle_notifications(changed, plan, done, results, verdicts, outcome)
+        if self.rules.fleet:
+            self.publish_stale(outcome, now)
         return self.finish(outcome, now)
 
     def finish(self, outcome, now):
@@ -198,6 +202,8 @@ class Batch:
         overdue, overdue_names, self.overdue_from, due_at = alarms.overdue_alarms(scanned, rules, config_dir, clock)
         failed, failed_names = alarms.attempt_alarms(scanned, rules, config_dir, due_at, clock)
         problems = expiring + undated + overdue + failed
+        if rules.fleet:
+            problems += self.publisher.problems(clock)
         outcome.alarmed = alarms.sound(problems, self.recorder, clock)
         outcome.below_warning = len(expiring)
         outcome.overdue, outcome.failed_renewals = len(overdue_names), len(failed_names)
@@ -227,8 +233,9 @@ class Batch:
             # Not with a ping (every run pings) or a problem standing (only a batch sees
             # it clear) or an alert waiting to be sent.
             alerting = rules.alert and (rules.alert.ping or not self.alerter.quiet)
+            # Not with a fleet: only a batch sees what etcd holds and acknowledges.
             if (outcome.settled and not self.progress.data and not rules.settings["metrics"] and not alerting
-                    and not any(rule.install for rule in rules.rules)):
+                    and not rules.fleet and not any(rule.install for rule in rules.rules)):
                 # At least one full batch a day, which also checks the rules' surroundings again.
                 until = alarms.warning_due(self.scanned, rules, min(now + idle.AT_LEAST_DAILY,
                                                                     self.overdue_from or float("inf")))
@@ -319,7 +326,37 @@ class Batch:
 
             specification, name, values = action.payload
             return deliver.deliver(specification, self.config_dir, name, values)
+        if action.verb == "publish":
+            return self.publisher.publish(action.target, action.certificates)
         return execute.perform(action, self.rules.settings["timeout"])
+
+    @functools.cached_property
+    def publisher(self):
+        """The fleet's publish.Publisher (rules with a [fleet] table), made when first needed."""
+        from certrelay.fleet import publish  # only a certbot host with a fleet pays for it
+
+        return publish.Publisher(self.rules.fleet, self.config_dir, self.state_dir, self.rules.settings["timeout"])
+
+    def publish_stale(self, outcome, now):
+        """Publish what the fleet's hosts lack although no notification asked (a host
+        added or re-keyed, a store that lost a key); count it in `outcome`."""
+        from certrelay import execute, plan as plan_module
+        from certrelay.fleet import store
+
+        try:
+            stale = self.publisher.stale(self.scanned)
+        except store.StoreError as error:
+            logger.error("fleet: cannot compare what was published with etcd: %s", error)
+            outcome.failed += 1
+            return
+        for host, names in stale.items():
+            action = plan_module.Action("publish", host, tuple(names))
+            result = self.publisher.publish(host, names)
+            if not result.ok:
+                logger.error("%s", result.detail)
+            self.recorder.action(action, result, now)
+            outcome.actions += 1
+            outcome.failed += not result.ok
 
     def verify(self, checks, ready, results, outcome):
         """Verify `checks`, escalating where needed; return {check key: Verdict}."""

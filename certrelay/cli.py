@@ -178,7 +178,8 @@ def check(config_dir, rules_path, state_dir, rules_only):
     if rules_only:
         logger.info("%s: ok, %d rule(s)", rules_path, len(rules.rules))
         return
-    problems = hook_problems(config_dir)
+    # On a fleet host the subscriber, not certbot's hooks, writes the notifications.
+    problems = hook_problems(config_dir) if not rules.subscribe else []
     spool = spool_module.Spool(config_dir)
     if not os.path.isdir(spool.queue):
         logger.info("%s does not exist yet: the hook creates it at the first renewal", spool.queue)
@@ -188,6 +189,8 @@ def check(config_dir, rules_path, state_dir, rules_only):
     problems += [problem.message for problem, _ in alarms.undated(lineages.Scanner(config_dir, None).scan(), rules,
                                                                   config_dir)]
     problems += rules.alert.problems() if rules.alert else []
+    if rules.fleet or rules.subscribe:
+        problems += fleet_commands.check_problems(rules)
     try:
         pending = spool.pending_names()
         logger.info("%d rule(s); %d pending, %d kept for retry; quarantine: %s",
@@ -461,3 +464,10 @@ def status(config_dir, rules_path, state_dir, as_json):
     taken = status_module.snapshot(config_dir, rules, state_dir)
     click.echo(report.as_json(taken) if as_json else report.table(taken))
     sys.exit(EXIT_INCOMPLETE if report.needs_attention(taken) else EXIT_OK)
+
+
+# The fleet's commands live with the fleet; registered here, after what they use from cli.
+from certrelay.fleet import commands as fleet_commands  # noqa: E402
+
+main.add_command(fleet_commands.fleet)
+main.add_command(fleet_commands.subscribe)

@@ -2,9 +2,10 @@
 
 Every rule that selects a certificate applies. Each unit gets one action per batch,
 the strongest asked for (restart > reload-or-restart > reload); identical `run` and
-`precheck` commands run once. Order: installs (files a service will read), then `run`
-commands, then prechecks, then unit actions, each in the order the rules file first
-names them. A unit's action requires that every install and precheck of the rules
+`precheck` commands run once; each fleet host (fleet/publish.py) gets one "publish" of
+the certificates it is given. Order: installs (files a service will read), then `run`
+commands, then prechecks, then publishing, then unit actions, each in the order the
+rules file first names them. A unit's action requires that every install and precheck of the rules
 asking for it succeeded; a rule's commands require its installs. Endpoints to verify
 afterwards are listed per notification.
 """
@@ -16,15 +17,15 @@ from certrelay import endpoint as endpoint_module, placeholders, rules as rules_
 
 NAMES_SHOWN = 10
 #: The order actions run in; unit actions (any verb) come last, in rules-file order.
-STAGE = {"install": 0, "run": 1, "precheck": 2}
+STAGE = {"install": 0, "run": 1, "precheck": 2, "publish": 3}
 #: Unit verbs by strength: per unit the strongest one asked for wins.
 STRENGTH = {verb: index for index, verb in enumerate(rules_module.UNIT_VERBS)}
 
 
 @dataclasses.dataclass(frozen=True)
 class Action:
-    """One thing to do: `verb` is a unit verb, "run", "precheck" or "install";
-    `target` a unit, an argv tuple or a destination path.
+    """One thing to do: `verb` is a unit verb, "run", "precheck", "install" or
+    "publish"; `target` a unit, an argv tuple, a destination path or a fleet host.
 
     `certificates` names the certificates it is done for, for the log; `requires`
     holds the keys of actions that must have succeeded first; `payload` is what an
@@ -93,7 +94,9 @@ def action_key(verb, target):
     """Return the key of an action (a string, so that it can be stored as JSON)."""
     if verb in ("run", "precheck"):
         return verb + ":" + json.dumps(list(target))
-    return ("install:" if verb == "install" else "unit:") + target
+    if verb in ("install", "publish"):
+        return verb + ":" + target
+    return "unit:" + target
 
 
 def make_plan(notifications, rules, config_dir, done=None):
@@ -108,12 +111,14 @@ def make_plan(notifications, rules, config_dir, done=None):
     needs, checks, unmatched = {}, {}, []
     for notification in notifications:
         matching = rules.matching(notification.name, notification.domains)
-        if not matching:
+        hosts = rules.fleet.selecting(notification.name, notification.domains) if rules.fleet else ()
+        if not matching and not hosts:
             unmatched.append(notification)
             continue
         already = set(done.get(notification.entry, ()))
         values = placeholders.values(notification, config_dir)
-        needed, found = set(), []
+        needed = {builder.add_publish(host, notification.name, already) for host in hosts}
+        found = []
         for rule in matching:
             keys = builder.add_rule(rule, notification.name, values, already)
             needed |= keys
@@ -168,6 +173,10 @@ class Builder:
             entry[1].add(name)
             entry[2] |= requires
         return keys
+
+    def add_publish(self, host, name, already=()):
+        """Add publishing certificate `name` to the fleet `host`; return the key."""
+        return self._other("publish", host, name, (), already)
 
     def _other(self, verb, target, name, requires, already, payload=None):
         """Add a non-unit action for certificate `name` (unless in `already`); return its key."""

@@ -35,7 +35,7 @@ def find(scanned, config_dir, rules, ledger, announced, progress, dry_run):
         entry = name + ENTRY_SUFFIX
         recorded = ledger.data.get(name)
         # Unchanged first: a dict look-up, where matching the rules is not.
-        if recorded == lineage.fingerprint and entry not in progress or not rules.matching(name, lineage.domains):
+        if recorded == lineage.fingerprint and entry not in progress or not rules.selects(name, lineage.domains):
             continue
         if entry not in progress and recorded_before_der(ledger, name, lineage.fingerprint, config_dir, dry_run):
             continue

@@ -85,11 +85,18 @@ class Rules:
     settings: dict
     data: bytes = b""
     alert: object = None  # alerts.Channels, or None without an [alert] table
+    fleet: object = None  # fleet.config.Fleet: the certbot host publishes to these hosts
+    subscribe: object = None  # fleet.config.Subscription: this host gets its lineages from a fleet
 
     def matching(self, name, domains):
         """Return the rules that select the certificate `name` covering `domains`, in
         file order (the same as each Rule.selects, through an index built once)."""
         return matcher.for_rules(self).matching(name, domains)
+
+    def selects(self, name, domains):
+        """Return True if a rule, or a fleet host this host publishes to, selects the
+        certificate `name` covering `domains`: certrelay looks after it."""
+        return bool(self.matching(name, domains)) or bool(self.fleet and self.fleet.selecting(name, domains))
 
 
 def domain_matches(pattern, domain):
@@ -183,24 +190,37 @@ def parse(data, path="rules.toml", config_dir=None):
         problems.append(f"{path}:{line}: {message}")
 
     for key in document:
-        if key not in ("rule", "settings", "alert"):
-            problem(locator.top_level(key), f"unknown table or key {key!r}; expected [[rule]], [settings] or [alert]")
+        if key not in ("rule", "settings", "alert", "fleet", "subscribe"):
+            problem(locator.top_level(key), f"unknown table or key {key!r};"
+                    " expected [[rule]], [settings], [alert], [fleet] or [subscribe]")
     settings = parse_settings(document.get("settings", {}), locator, problem)
     alert = None
     if "alert" in document:
         alert = parse_alert(document["alert"], lambda key: locator.key_in("alert", key), problem)
+    fleet = subscribe = None
+    if "fleet" in document or "subscribe" in document:
+        from certrelay.fleet import config as fleet_config  # only rules with a fleet pay for it
+
+        if "fleet" in document:
+            fleet = fleet_config.parse_fleet(
+                document["fleet"], lambda key: locator.key_in("fleet", key),
+                lambda index, key: locator.nth_key("[[fleet.host]]", index, key), problem, config_dir)
+        if "subscribe" in document:
+            subscribe = fleet_config.parse_subscribe(
+                document["subscribe"], lambda key: locator.key_in("subscribe", key), problem, config_dir)
     rule_tables = document.get("rule", [])
     if not isinstance(rule_tables, list) or not all(isinstance(t, dict) for t in rule_tables):
         problem(locator.top_level("rule"), "'rule' must be written as [[rule]] tables")
         rule_tables = []
-    elif not rule_tables:
+    elif not rule_tables and fleet is None:  # a certbot host may only publish
         problem(1, "no [[rule]] tables (none written, or all commented out, as in the packaged file): nothing"
                    " would ever be done; add at least one rule (the packaged file's comments show an example)")
     rules = [parse_rule(table, index, locator, problem, config_dir) for index, table in enumerate(rule_tables)]
     duplicate_destinations(rules, problem)
     if problems:
         raise RulesError(problems)
-    return Rules(path=path, rules=tuple(rules), settings=settings, data=bytes(data), alert=alert)
+    return Rules(path=path, rules=tuple(rules), settings=settings, data=bytes(data), alert=alert, fleet=fleet,
+                 subscribe=subscribe)
 
 
 def parse_settings(table, locator, problem):
@@ -449,8 +469,16 @@ class Locator:
         return 1
 
     def _rule_section(self, index):
-        rules = [section for section in self.sections if section[1] == "[[rule]]"]
-        return rules[index] if index < len(rules) else (1, None, {})
+        return self._nth("[[rule]]", index)
+
+    def _nth(self, name, index):
+        found = [section for section in self.sections if section[1] == name]
+        return found[index] if index < len(found) else (1, None, {})
+
+    def nth_key(self, name, index, key):
+        """The line of `key` (None: the header) in the `index`th table `name` ("[[fleet.host]]")."""
+        start, _, keys = self._nth(name, index)
+        return keys.get(key, start) if key else start
 
     def _install_section(self, index, number):
         """The `number`th [[rule.install]] after the `index`th [[rule]] and before the next."""

@@ -38,7 +38,7 @@ class Recorder:
             outcome = "success" if result.ok else "failure"
             self.data["installs"].setdefault(action.payload[1], {})[action.target] = {
                 "result": outcome, "time": now, "detail": result.detail}
-        if action.verb in ("run", "precheck", "install"):
+        if action.verb in ("run", "precheck", "install", "publish"):
             target = " ".join(action.target) if isinstance(action.target, tuple) else action.target
             self.count(target, action.verb, result)
         else:
@@ -138,7 +138,7 @@ def snapshot(config_dir, rules, state_dir, error=None, scanned=None):
     if scanned is None:
         scanned = lineages.Scanner(config_dir, state_dir).scan()
     for lineage in scanned:
-        if not rules.matching(lineage.name, lineage.domains):
+        if not rules.selects(lineage.name, lineage.domains):
             continue
         entries = [entry for entry in claimed if entry.partition("@")[0] == lineage.name]
         entries += [entry for entry in progress if entry == lineage.name + "@reconcile"]

@@ -138,9 +138,26 @@ def key(option):
     return (tuple(option.opts), option.help)
 
 
+def named_copy(command, name):
+    """Return a copy of `command` named `name` (a group's command, "fleet keygen")."""
+    import copy
+
+    named = copy.copy(command)
+    named.name = name
+    return named
+
+
 def manpage(group=cli.main, name="certrelay"):
     ctx = click.Context(group, info_name=name)
-    commands = [group.get_command(ctx, command) for command in group.list_commands(ctx)]
+    commands = []  # a group's commands as "fleet keygen" etc.: the man page names every command
+    for name_of in group.list_commands(ctx):
+        command = group.get_command(ctx, name_of)
+        if isinstance(command, click.Group):
+            sub = click.Context(command, info_name=name_of, parent=ctx)
+            commands += [named_copy(command.get_command(sub, inner), f"{name_of} {inner}")
+                         for inner in command.list_commands(sub)]
+        else:
+            commands.append(command)
     commands = [command for command in commands if command is not None and not command.hidden]
     # Options (same names, same help) that more than half of the commands take.
     counts = {}

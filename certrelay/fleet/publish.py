@@ -1,0 +1,186 @@
+"""The certbot host's side of the fleet: publish each host's lineages to etcd, sealed.
+
+A batch calls `Publisher.publish(host, names)` as one action per host (plan.py: verb
+"publish"), claimed, kept and retried like a restart; `stale()` finds what the
+notifications did not cover (a host newly added or re-keyed, a store that lost a key)
+and `problems()` what the hosts have not acknowledged within `ack-timeout`.
+
+STATE_DIR/fleet.json ("published": {host: {name: {fingerprint, sequence, recipient,
+revision, time}}}) remembers what was published; etcd stays the truth, which `stale`
+and `fleet status` read.
+"""
+
+import json
+import logging
+import time
+
+from certrelay import certificate, execute, state
+from certrelay.fleet import config as fleet_config
+
+logger = logging.getLogger(__name__)
+
+FILES = ("cert.pem", "chain.pem", "fullchain.pem", "privkey.pem")
+MAX_FILE = 256 * 1024  # bytes: a PEM file of a lineage; the container writes them
+FLEET_PROBLEM = "*fleet"  # alarm key of the store being unreachable; no lineage name has a "*"
+UNACKNOWLEDGED = "fleet "  # alarm key prefix, then "HOST/NAME"
+
+
+def lineage_key(host, name):
+    return fleet_config.lineages_prefix(host) + name
+
+
+def read_lineage(config_dir, name):
+    """Return {file name: bytes} of live/NAME under `config_dir`, read without leaving it.
+    Raise certificate.CertificateError saying which file cannot be read."""
+    with certificate.Tree(config_dir) as tree:
+        return {file: tree.read(f"live/{name}/{file}", MAX_FILE) for file in FILES}
+
+
+class Publisher:
+    """Publishes for one batch: the [fleet] `fleet`, certbot's `config_dir`, STATE_DIR."""
+
+    def __init__(self, fleet, config_dir, state_dir, timeout=30.0):
+        self.fleet, self.config_dir, self.timeout = fleet, config_dir, timeout
+        self.hosts = {host.name: host for host in fleet.hosts}
+        self.ledger = state.Store(state_dir, "fleet.json")
+        self._store = self._signing_key = None
+
+    @property
+    def published(self):
+        published = self.ledger.data.setdefault("published", {})
+        return published
+
+    def store(self):
+        if self._store is None:
+            self._store = self.fleet.connection.store(self.timeout)
+        return self._store
+
+    def signing_key(self):
+        from certrelay.fleet import seal
+
+        if self._signing_key is None:
+            self._signing_key = seal.load_signing_key(self.fleet.signing_key)
+        return self._signing_key
+
+    def publish(self, host, names):
+        """Seal live/NAME of each of `names` for `host` and put them in one go; return an
+        execute.Result (a failure says what failed and how to fix it)."""
+        from certrelay.fleet import seal, store
+
+        try:
+            recipient = seal.parse_recipient(self.hosts[host].recipient)
+            signing_key = self.signing_key()
+            items, sealed = {}, {}
+            previous = self.published.get(host, {})
+            for name in names:
+                files = read_lineage(self.config_dir, name)
+                # Monotonic per host and lineage, even across a lost state file: the clock.
+                sequence = max(time.time_ns() // 1000, previous.get(name, {}).get("sequence", 0) + 1)
+                value = seal.seal(signing_key, recipient, host, name, files, sequence)
+                items[lineage_key(host, name)] = value
+                sealed[name] = (seal.peek(value)["fingerprint"], sequence)
+            revision = self.store().put_many(items)
+        except (seal.KeyFileError, certificate.CertificateError, store.StoreError, ValueError) as error:
+            return execute.Result(False, f"cannot publish to {host}: {error}")
+        now = time.time()
+        entry = self.published.setdefault(host, {})
+        for name, (fingerprint, sequence) in sealed.items():
+            entry[name] = {"fingerprint": fingerprint, "sequence": sequence, "revision": revision,
+                           "recipient": self.hosts[host].recipient, "time": now}
+        self.save()
+        logger.info("published %s to %s (etcd revision %d)", ", ".join(names), host, revision)
+        return execute.Result(True)
+
+    def save(self):
+        try:
+            self.ledger.save()
+        except OSError as error:
+            logger.warning("cannot save %s: %s", self.ledger.path, error.strerror)
+
+    def wanted(self, scanned):
+        """Return {(host, name): fingerprint} for each lineage of `scanned` a host gets."""
+        return {(host.name, lineage.name): lineage.fingerprint for lineage in scanned if lineage.fingerprint
+                for host in self.fleet.hosts if host.selects(lineage.name, lineage.domains)}
+
+    def stale(self, scanned):
+        """Return {host: [names]} to publish although no notification asked: not
+        published as live/ has it, to the host's current key, or gone from the store.
+        Raise store.StoreError if the store cannot be read."""
+        wanted = self.wanted(scanned)
+        _, present = self.store().range(fleet_config.PREFIX + "hosts/", keys_only=True)
+        keys = {kv.key for kv in present}
+        found = {}
+        for (host, name), fingerprint in sorted(wanted.items()):
+            was = self.published.get(host, {}).get(name, {})
+            if (was.get("fingerprint") != fingerprint or was.get("recipient") != self.hosts[host].recipient
+                    or lineage_key(host, name) not in keys):
+                found.setdefault(host, []).append(name)
+        return found
+
+    def acknowledgements(self):
+        """Return {(host, name): the ack dict} read from the store (an unreadable ack:
+        {"error": why}). Raise store.StoreError."""
+        _, found = self.store().range(fleet_config.PREFIX + "acks/")
+        acks = {}
+        for kv in found:
+            host, _, name = kv.key[len(fleet_config.PREFIX + "acks/"):].partition("/")
+            try:
+                ack = json.loads(kv.value)
+                if not isinstance(ack, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as error:
+                ack = {"error": f"unreadable acknowledgement: {error}"}
+            acks[host, name] = ack
+        return acks
+
+    def problems(self, now):
+        """Return the alarms.Problems at `now`: each host and lineage published more than
+        `ack-timeout` ago that the host does not acknowledge serving, and a store that
+        cannot be read."""
+        from certrelay import alarms
+        from certrelay.fleet import store
+
+        try:
+            acks = self.acknowledgements()
+        except store.StoreError as error:
+            return [alarms.Problem(FLEET_PROBLEM, "fleet store unreachable",
+                                   f"fleet: cannot read the acknowledgements from etcd: {error}")]
+        found = []
+        for host, names in sorted(self.published.items()):
+            if host not in self.hosts:
+                continue
+            for name, was in sorted(names.items()):
+                ack = acks.get((host, name), {})
+                if ack_state(ack, was) == "current" or now - was.get("time", now) < self.fleet.ack_timeout:
+                    continue
+                found.append(alarms.Problem(
+                    UNACKNOWLEDGED + host + "/" + name, f"{host} does not serve {name}",
+                    f"fleet: {host} has not acknowledged serving {name} ({was.get('fingerprint', '?')[:16]}...)"
+                    f" published {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(was.get('time', now)))}:"
+                    f" {describe_ack(ack)}; on {host}: certrelay status, journalctl -u certrelay-subscribe"))
+        return found
+
+
+def ack_state(ack, published):
+    """Return "current" if the ack says the host serves the `published` fingerprint
+    (every endpoint verified), else why not in a word: "pending", "failed", "old",
+    "none"."""
+    if not ack:
+        return "none"
+    if ack.get("error"):
+        return "failed"
+    if ack.get("fingerprint") != published.get("fingerprint"):
+        return "old"
+    return ack.get("state") if ack.get("state") in ("current", "pending", "failed") else "failed"
+
+
+def describe_ack(ack):
+    """Return a few words on what an ack says."""
+    if not ack:
+        return "no acknowledgement at all (is certrelay-subscribe running there?)"
+    if ack.get("error"):
+        return ack["error"]
+    said = f"it acknowledges {str(ack.get('fingerprint'))[:16]}... as {ack.get('state')}"
+    if ack.get("reason"):
+        said += f" ({ack['reason']})"
+    return said
