@@ -3,11 +3,13 @@
 No registry is reachable here, so each image is a root file system built from Debian's
 packages (and PyPI) by this script, cached as a tar file and `docker import`ed with the
 official image's configuration (entry point, volumes, stop signal). What they share: an
-`Image` names its Debian packages, the step that finishes the root file system, and the
-`docker import` changes; `cached_tar(image)` builds it once (mmdebstrap bookworm minbase,
-merged /usr, no documentation) into REPO/.cache/NAME-image-KEY.tar, KEY hashing this file,
-the pins and mmdebstrap's argv: a change to any of them builds it again (a minute or two);
-`import_image(docker, image)` loads it into a Docker daemon (about 2 s).
+`Image` names its Debian packages, the step that finishes the root file system, the
+`docker import` changes and any Dockerfile lines import cannot apply; `cached_tar(image)`
+builds it once (mmdebstrap bookworm minbase, merged /usr, no documentation) into
+REPO/.cache/NAME-image-KEY.tar, KEY hashing the code that builds it (BUILD_CODE), the
+pins and mmdebstrap's argv: a change to any of them builds it again (one to three
+minutes, most of it downloading); `import_image(docker, image=image)` loads it into a
+Docker daemon (about 3 s).
 
 certbot_image(VERSION), like certbot/dns-cloudflare:vVERSION (Alpine, certbot in a venv,
 BusyBox ash as /bin/sh, no bash, `ENTRYPOINT ["certbot"]`, `VOLUME /etc/letsencrypt
@@ -34,10 +36,12 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import inspect
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -65,7 +69,9 @@ class Image:
     """What one test image is: `name` (the cache file's prefix), the Debian `packages`
     mmdebstrap installs, `pins` (anything else its build depends on, for the cache key),
     `finish(root)` (the steps after mmdebstrap), the `changes` `docker import` gives it,
-    and the `tag` it is imported as by default."""
+    the `tag` it is imported as by default, and `dockerfile`: lines that `docker import
+    --change` refuses (STOPSIGNAL, in Debian's docker 20.10), applied by a `docker build`
+    FROM the imported image."""
 
     name: str
     packages: tuple
@@ -73,6 +79,7 @@ class Image:
     finish: Callable[[Path], None]
     changes: tuple
     tag: str
+    dockerfile: tuple = ()
 
 
 def skip_reason():
@@ -95,13 +102,6 @@ def mmdebstrap_argv(target, packages, mirror=None):
         "--dpkgopt=path-include=/usr/share/doc/*/copyright",
         rootfs.SUITE, str(target), f"deb {mirror} {rootfs.SUITE} main",
     ]
-
-
-def cache_key(image, mirror=None):
-    """The hash naming the cached tar: this script, the image's pins, changes and mmdebstrap's argv."""
-    parts = [Path(__file__).read_bytes().decode(), image.name, *image.pins, *image.changes,
-             *mmdebstrap_argv("TARGET", image.packages, mirror)]
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
 def _run(argv, **kwargs):
@@ -209,8 +209,8 @@ def _finish_nginx(target):
 
 NGINX = Image(
     "nginx", ("nginx",), (), _finish_nginx,
-    ('CMD ["nginx", "-g", "daemon off;"]', "STOPSIGNAL SIGQUIT", "EXPOSE 80 443", PATH_CHANGE),
-    "certrelay-e2e/nginx:latest",
+    ('CMD ["nginx", "-g", "daemon off;"]', "EXPOSE 80 443", PATH_CHANGE),
+    "certrelay-e2e/nginx:latest", ("STOPSIGNAL SIGQUIT",),
 )
 
 
@@ -225,6 +225,19 @@ def build_root(target, image):
         leftover.unlink()
     shutil.rmtree(target / "var" / "lib" / "apt" / "lists", ignore_errors=True)
     (target / "var" / "lib" / "apt" / "lists" / "partial").mkdir(parents=True)
+
+
+#: The code whose every change builds the images again (the cache key hashes its source).
+BUILD_CODE = (mmdebstrap_argv, _run, _chroot, _unlink, _pip_install, _busybox_sh, _finish_certbot, _finish_nginx,
+              build_root)
+
+
+def cache_key(image, mirror=None):
+    """The hash naming the cached tar: the code that builds it, its packages and pins,
+    and mmdebstrap's argv."""
+    parts = [*map(inspect.getsource, BUILD_CODE), *BUILD_ENV, image.name, *image.pins,
+             *mmdebstrap_argv("TARGET", image.packages, mirror)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
 def cached_tar(image=None, log=print):
@@ -267,14 +280,23 @@ def cached_tar(image=None, log=print):
 
 def import_image(docker, tag=None, tar=None, image=None):
     """`docker import` `image`'s cached root file system (default: the current certbot) as
-    `tag` (default: the image's) with its configuration. `docker` is the argv prefix of the
-    client (e.g. ["docker", "-H", "unix:///..."]). Returns the image id."""
+    `tag` (default: the image's) with its configuration; its Dockerfile lines, if any, by
+    a `docker build` FROM the import (tagged TAG-imported). `docker` is the argv prefix of
+    the client (e.g. ["docker", "-H", "unix:///..."]). Returns the image id."""
     image = image or certbot_image()
     tar = tar or cached_tar(image)
+    tag = tag or image.tag
     argv = [*docker, "import"]
     for change in image.changes:
         argv += ["--change", change]
-    return _run([*argv, tar, tag or image.tag]).stdout.strip()
+    imported = f"{tag}-imported" if image.dockerfile else tag
+    done = _run([*argv, tar, imported])
+    if not image.dockerfile:
+        return done.stdout.strip()
+    with tempfile.TemporaryDirectory(prefix="certrelay-image-") as context:
+        Path(context, "Dockerfile").write_text("\n".join([f"FROM {imported}", *image.dockerfile, ""]))
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "DOCKER_BUILDKIT": "0", "HOME": context}
+        return _run([*docker, "build", "-q", "-t", tag, context], env=env).stdout.strip()
 
 
 def main(argv):
