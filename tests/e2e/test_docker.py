@@ -186,8 +186,10 @@ def docker_world(image=None, name="certrelay-e2e-docker", policy=None, validity=
             if policy:
                 conf = config / "renewal" / f"{domains[0]}.conf"
                 conf.write_text(f"{policy}\n{conf.read_text()}")
-        # The deploy hook may have run for the new certificates too: the services start with them.
-        for pending in (config / "certrelay" / "queue").iterdir():
+        # The deploy hook ran for the new certificates too (certbot 5.3 and later): the
+        # services start with them.
+        queue = config / "certrelay" / "queue"
+        for pending in queue.iterdir() if queue.is_dir() else ():
             pending.unlink()
         share_certificates(config, group_id(root, "ssl-cert"))
         dockerd.install_file(FILES / "docker-probe-hook", config / "renewal-hooks" / "deploy" / "zz-e2e-probe")
