@@ -75,8 +75,9 @@ class Etcd:
     `auth_token_ttl`: seconds a simple auth token lives unused (etcd's default: 300).
     """
 
-    def __init__(self, directory, auth_token_ttl=None):
+    def __init__(self, directory, auth_token_ttl=None, addresses=()):
         self.directory = str(directory)
+        self.addresses = tuple(addresses)  # IPv4 addresses to listen on besides 127.0.0.1 (a veth's)
         self.data_dir = os.path.join(self.directory, "etcd-data")
         self.log_path = os.path.join(self.directory, "etcd.log")
         self.auth_token_ttl = auth_token_ttl
@@ -86,7 +87,7 @@ class Etcd:
         os.makedirs(self.directory, exist_ok=True)
         self.authority = certs.Authority("certrelay test etcd CA")
         self.ca_file = self._write("ca.pem", self.authority.pem)
-        certificate, key = server_certificate(self.authority)
+        certificate, key = server_certificate(self.authority, addresses=("127.0.0.1", "::1", *self.addresses))
         self.cert_file = self._write("server.pem", certificate)
         self.key_file = self._write("server-key.pem", key)
         os.chmod(self.key_file, 0o600)
@@ -101,6 +102,10 @@ class Etcd:
     def endpoint(self):
         return f"https://127.0.0.1:{self.client_port}"
 
+    def endpoint_on(self, address):
+        """The client URL on one of `addresses`."""
+        return f"https://{address}:{self.client_port}"
+
     @property
     def pid(self):
         return self.process.pid if self.process else None
@@ -111,7 +116,8 @@ class Etcd:
         peer = f"http://127.0.0.1:{self.peer_port}"
         command = [
             ETCD, "--name", "test", "--data-dir", self.data_dir,
-            "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
+            "--listen-client-urls", ",".join([self.endpoint, *(self.endpoint_on(a) for a in self.addresses)]),
+            "--advertise-client-urls", self.endpoint,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"test={peer}", "--initial-cluster-state", "new",
             "--cert-file", self.cert_file, "--key-file", self.key_file,

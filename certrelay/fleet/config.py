@@ -19,7 +19,7 @@ CONNECTION_KEYS = ("endpoints", "ca-file", "user", "password-file")
 FLEET_KEYS = (*CONNECTION_KEYS, "signing-key", "ack-timeout", "host")
 HOST_KEYS = ("name", "recipient", "match", "domains")
 SUBSCRIBE_KEYS = (*CONNECTION_KEYS, "host", "identity", "publisher", "resync-interval")
-ACK_TIMEOUT = (3600.0, 60.0, 30 * 86400.0)  # default, minimum, maximum, in seconds
+ACK_TIMEOUT = (3600.0, 1.0, 30 * 86400.0)  # default, minimum, maximum, in seconds
 RESYNC_INTERVAL = (3600.0, 10.0, 7 * 86400.0)
 
 

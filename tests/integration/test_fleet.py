@@ -25,7 +25,8 @@ HOSTS = ("mail", "web", "proxy")
 class Fleet:
     """etcd, the certbot host `publisher` and the fleet hosts `hosts` {name: Relay}."""
 
-    def __init__(self, tmp_path, etcd):
+    def __init__(self, tmp_path, etcd, ack_timeout="1h", endpoints=None):
+        """`endpoints`: {host: the etcd URL it uses} where not etcd.endpoint."""
         self.etcd, self.root = etcd, str(tmp_path)
         self.publisher = Relay(tmp_path / "certbot")
         self.hosts = {host: Relay(tmp_path / host) for host in HOSTS}
@@ -47,12 +48,13 @@ class Fleet:
             write(host_password, f"{host}-secret\n")
             relay.write_rules(
                 f'[[rule]]\nmatch = ["{NAME}"]\nrestart = ["dovecot"]\n\n'
-                f'[subscribe]\nendpoints = ["{etcd.endpoint}"]\nca-file = "{etcd.ca_file}"\nhost = "{host}"\n'
+                f'[subscribe]\nendpoints = ["{(endpoints or {}).get(host, etcd.endpoint)}"]\nca-file = "{etcd.ca_file}"\nhost = "{host}"\n'
                 f'user = "certrelay-host-{host}"\npassword-file = "{host_password}"\nidentity = "{identity}"\n'
                 f'publisher = "{publisher_key}"\n')
         self.publisher.write_rules(
             f'[fleet]\nendpoints = ["{etcd.endpoint}"]\nca-file = "{etcd.ca_file}"\nuser = "certrelay-publisher"\n'
-            f'password-file = "{password}"\nsigning-key = "{os.path.join(keys, "publisher.key")}"\n' + tables)
+            f'password-file = "{password}"\nsigning-key = "{os.path.join(keys, "publisher.key")}"\n'
+            f'ack-timeout = "{ack_timeout}"\n' + tables)
         # The admin's part: the lines `fleet roles` prints, run as etcd's root.
         etcd.enable_auth()
         roles = fleet_command(self.publisher, "roles")
@@ -240,3 +242,100 @@ def test_a_host_added_later_gets_the_current_certificate_without_a_renewal(fleet
     assert fleet.publisher.run().returncode == 0
     assert subscribe_once(web).returncode == 0
     assert live_fingerprint(web) == fingerprint
+
+
+def test_a_value_sealed_for_another_host_is_refused(fleet):
+    from certrelay.fleet import store
+
+    fleet.renew()
+    publisher = store.Store([fleet.etcd.endpoint], fleet.etcd.ca_file, "certrelay-publisher", "publisher-secret")
+    web_value = publisher.get(f"/certrelay/v1/hosts/web/lineages/{NAME}").value
+    publisher.put(f"/certrelay/v1/hosts/mail/lineages/{NAME}", web_value)
+    refused = subscribe_once(fleet.hosts["mail"])
+    assert refused.returncode == 1
+    assert "refused" in refused.stderr and "sealed to another recipient key" in refused.stderr
+    assert not os.path.exists(os.path.join(fleet.hosts["mail"].config_dir, "live", NAME))
+
+
+def test_a_subscriber_outlives_etcd_killed_mid_watch(fleet):
+    mail = fleet.hosts["mail"]
+    fleet.renew()
+    daemon = mail.start(command="subscribe")
+    wait.until(lambda: mail.entries("queue") == [NAME], what="the first notification")
+    fleet.etcd.kill()
+    fleet.etcd.restart()
+    newest = fleet.renew()
+    wait.until(lambda: live_fingerprint(mail) == newest, timeout=120, what="the renewal after etcd's restart",
+               explain=lambda: daemon.poll())
+    assert daemon.poll() is None
+
+
+@pytest.fixture
+def link():
+    """A network namespace joined to this one by a veth pair: (namespace, the host
+    side's interface, its address, the address inside). Removed at the end."""
+    if os.geteuid() != 0 or not os.path.exists("/usr/sbin/ip"):
+        pytest.skip("needs root and iproute2 (network namespaces)")
+    namespace, outside = f"crfleet{os.getpid()}", f"crf{os.getpid()}"
+    inside = outside + "n"
+    commands = [
+        ["ip", "netns", "add", namespace],
+        ["ip", "link", "add", outside, "type", "veth", "peer", "name", inside],
+        ["ip", "link", "set", inside, "netns", namespace],
+        ["ip", "addr", "add", "10.250.7.1/30", "dev", outside],
+        ["ip", "link", "set", outside, "up"],
+        ["ip", "netns", "exec", namespace, "ip", "addr", "add", "10.250.7.2/30", "dev", inside],
+        ["ip", "netns", "exec", namespace, "ip", "link", "set", inside, "up"],
+        ["ip", "netns", "exec", namespace, "ip", "link", "set", "lo", "up"],
+    ]
+    try:
+        for command in commands:
+            subprocess.run(command, check=True, capture_output=True)
+        yield namespace, outside, "10.250.7.1"
+    finally:
+        subprocess.run(["ip", "netns", "del", namespace], capture_output=True)  # takes both ends with it
+
+
+def test_a_partitioned_host_keeps_serving_alarms_after_its_setting_and_converges(tmp_path, link):
+    namespace, interface, address = link
+    with etcd_module.Etcd(tmp_path / "etcd", addresses=(address,)) as etcd:
+        fleet = Fleet(tmp_path, etcd, ack_timeout="3s", endpoints={"mail": etcd.endpoint_on(address)})
+        mail, web = fleet.hosts["mail"], fleet.hosts["web"]
+        try:
+            first = fleet.renew()
+            web.start(command="subscribe")  # web reaches etcd on loopback, never cut off
+            # mail's subscriber reaches etcd only through the veth.
+            daemon = subprocess.Popen(["ip", "netns", "exec", namespace, *mail.command("subscribe")],
+                                      env=mail.environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True)
+            mail.processes.append(daemon)
+            wait.until(lambda: mail.entries("queue") == [NAME], what="mail's first notification")
+            assert mail.run().returncode == 0
+            wait.until(lambda: fleet.status()["mail", NAME]["state"] == "current", what="mail's acknowledgement")
+            subprocess.run(["ip", "link", "set", interface, "down"], check=True)
+            newest = fleet.renew()
+            wait.until(lambda: live_fingerprint(web) == newest, what="web to get the newest")
+            wait.until(lambda: web.entries("queue") == [NAME], what="web's notification")
+            assert web.run().returncode == 0
+            wait.until(lambda: fleet.status()["web", NAME]["state"] == "current", what="web current",
+                       explain=fleet.status)
+            # Cut off, mail keeps serving what it has; past ack-timeout the certbot host says so.
+            said = {}
+
+            def alarmed():
+                said["run"] = fleet.publisher.run()
+                return said["run"].returncode == 1 and "mail has not acknowledged serving" in said["run"].stderr
+
+            wait.until(alarmed, what="the alarm for mail", explain=lambda: said)
+            assert live_fingerprint(mail) == first
+            rows = fleet.status()
+            assert rows["mail", NAME]["state"] == "late"
+            assert "web has not" not in said["run"].stderr
+            subprocess.run(["ip", "link", "set", interface, "up"], check=True)
+            wait.until(lambda: live_fingerprint(mail) == newest, timeout=180, what="mail to converge")
+            wait.until(lambda: mail.entries("queue") == [NAME], what="mail's notification of the newest")
+            assert mail.run().returncode == 0
+            wait.until(lambda: fleet.status()["mail", NAME]["state"] == "current", what="mail current again")
+        finally:
+            for relay in (fleet.publisher, *fleet.hosts.values()):
+                relay.stop()
