@@ -219,6 +219,10 @@ class Batch:
                                                  outcome.ok)
         if self.rules.settings["metrics"]:
             taken = status.snapshot(self.config_dir, self.rules, self.state_dir, scanned=self.scanned)
+            if rules.fleet:
+                from certrelay.fleet import publish
+
+                taken["fleet"] = publish.metric_rows(self.publisher)
             status.write_metrics(self.rules.settings["metrics"], taken)
         self.remember(outcome, now)
         return outcome

@@ -299,7 +299,11 @@ def explain(config_dir, rules_path, state_dir, name, domains):
     matching = rules.matching(name, domains)
     for rule in matching:
         click.echo(f"  {rules.path}:{rule.line}: rule selects it")
-    if not matching:
+    hosts = rules.fleet.selecting(name, domains) if rules.fleet else ()
+    for host in rules.fleet.hosts if hosts else ():
+        if host.name in hosts:
+            click.echo(f"  {rules.path}:{host.line}: fleet host {host.name} gets it")
+    if not matching and not hosts:
         click.echo("  no rule selects it: its notification would be dropped")
     notification = spool_module.Notification(entry=name, name=name, lineage="", domains=tuple(domains), time="")
     explained = plan_module.make_plan([notification], rules, config_dir)

@@ -15,6 +15,9 @@ Metrics (gauges unless noted); a family with no sample is left out:
 - certrelay_notifications{state}: pending, kept, deferred (always all three)
 - certrelay_actions_total{unit,verb,result}: a counter
 - certrelay_last_run_timestamp_seconds: when known
+- certrelay_fleet_published_timestamp_seconds{host,name}, certrelay_fleet_served_current{host,name}:
+  on a certbot host with a [fleet], when each host's copy was published and whether the
+  host acknowledges serving it (1) or not (0); none when etcd could not be read
 """
 
 import math
@@ -49,6 +52,16 @@ def render(snapshot):
             "certrelay_last_run_timestamp_seconds", "gauge",
             "When certrelay last processed a batch, in seconds since the epoch.",
             [({}, snapshot.get("last_run"))],
+        ),
+        (
+            "certrelay_fleet_published_timestamp_seconds", "gauge",
+            "When the certbot host last published a lineage to a fleet host.",
+            [({"host": row["host"], "name": row["name"]}, row["published"]) for row in snapshot.get("fleet") or []],
+        ),
+        (
+            "certrelay_fleet_served_current", "gauge",
+            "1 if the fleet host acknowledges serving what was published, else 0.",
+            [({"host": row["host"], "name": row["name"]}, row["current"]) for row in snapshot.get("fleet") or []],
         ),
     ]
     return "".join(family_text(*family) for family in families)

@@ -44,6 +44,7 @@ class Publisher:
         self.hosts = {host.name: host for host in fleet.hosts}
         self.ledger = state.Store(state_dir, "fleet.json")
         self._store = self._signing_key = None
+        self.acks = None  # what `problems` read: {(host, name): ack}, or None if it could not
 
     @property
     def published(self):
@@ -141,7 +142,7 @@ class Publisher:
         from certrelay.fleet import store
 
         try:
-            acks = self.acknowledgements()
+            acks = self.acks = self.acknowledgements()
         except store.StoreError as error:
             return [alarms.Problem(FLEET_PROBLEM, "fleet store unreachable",
                                    f"fleet: cannot read the acknowledgements from etcd: {error}")]
@@ -159,6 +160,20 @@ class Publisher:
                     f" published {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(was.get('time', now)))}:"
                     f" {describe_ack(ack)}; on {host}: certrelay status, journalctl -u certrelay-subscribe"))
         return found
+
+
+def metric_rows(publisher):
+    """Return, for metrics.py, a dict per host and lineage published: host, name,
+    published (epoch) and current (1 if the host acknowledges serving it, 0 if not,
+    None if the acknowledgements could not be read)."""
+    rows = []
+    for host, names in sorted(publisher.published.items()):
+        if host in publisher.hosts:
+            for name, was in sorted(names.items()):
+                current = None if publisher.acks is None else int(
+                    ack_state(publisher.acks.get((host, name), {}), was) == "current")
+                rows.append({"host": host, "name": name, "published": was.get("time"), "current": current})
+    return rows
 
 
 def ack_state(ack, published):

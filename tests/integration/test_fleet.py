@@ -339,3 +339,19 @@ def test_a_partitioned_host_keeps_serving_alarms_after_its_setting_and_converges
         finally:
             for relay in (fleet.publisher, *fleet.hosts.values()):
                 relay.stop()
+
+
+def test_metrics_say_which_host_serves_what_was_published(fleet):
+    metrics = os.path.join(fleet.root, "certrelay.prom")
+    rules = open(fleet.publisher.rules_path, encoding="utf-8").read()
+    fleet.publisher.write_rules(rules.replace("[settings]\n", f'[settings]\nmetrics = "{metrics}"\n'))
+    fleet.renew()
+    mail = fleet.hosts["mail"]
+    assert subscribe_once(mail).returncode == 0
+    assert mail.run().returncode == 0
+    assert subscribe_once(mail).returncode == 0  # acknowledges what its certrelay did
+    fleet.publisher.run()
+    text = open(metrics, encoding="utf-8").read()
+    assert f'certrelay_fleet_served_current{{host="mail",name="{NAME}"}} 1' in text
+    assert f'certrelay_fleet_served_current{{host="web",name="{NAME}"}} 0' in text
+    assert f'certrelay_fleet_published_timestamp_seconds{{host="proxy",name="{NAME}"}}' in text
