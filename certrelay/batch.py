@@ -130,6 +130,7 @@ class Batch:
         self.overdue_from = None  # when the next selected lineage becomes overdue (alarms.overdue_alarms)
         self.quarantined = []  # what the spool said of each entry it quarantined in this batch
         self.alerter = None  # alerts.Alerter, with an [alert] table
+        self.prepublished = {}  # fleet host -> execute.Result of publishing before the actions ran
         self.said = {"drop": "dropped", "skip": "skipped", "defer": "deferred"}
         if dry_run:
             self.said = {word: "would " + word for word in self.said}
@@ -171,6 +172,9 @@ class Batch:
         ready = self.not_deferred(plan.actions, outcome)
         outcome.actions = len(ready)
         results = {}
+        if self.rules.fleet and not self.dry_run:  # every host's copy in few etcd requests, not one per host
+            wanted = {action.target: action.certificates for action in ready if action.verb == "publish"}
+            self.prepublished = self.publisher.publish_all(wanted) if wanted else {}
         if ready:
             from certrelay import execute  # subprocess: only batches with something to do pay for it
 
@@ -331,7 +335,7 @@ class Batch:
             specification, name, values = action.payload
             return deliver.deliver(specification, self.config_dir, name, values)
         if action.verb == "publish":
-            return self.publisher.publish(action.target, action.certificates)
+            return self.prepublished.get(action.target) or self.publisher.publish(action.target, action.certificates)
         return execute.perform(action, self.rules.settings["timeout"])
 
     @functools.cached_property
@@ -344,21 +348,17 @@ class Batch:
     def publish_stale(self, outcome, now):
         """Publish what the fleet's hosts lack although no notification asked (a host
         added or re-keyed, a store that lost a key); count it in `outcome`."""
-        from certrelay import execute, plan as plan_module
+        from certrelay import plan as plan_module
         from certrelay.fleet import store
 
         try:
-            stale = self.publisher.stale(self.scanned)
+            done = self.publisher.catch_up(self.scanned)
         except store.StoreError as error:
             logger.error("fleet: cannot compare what was published with etcd: %s", error)
             outcome.failed += 1
             return
-        for host, names in stale.items():
-            action = plan_module.Action("publish", host, tuple(names))
-            result = self.publisher.publish(host, names)
-            if not result.ok:
-                logger.error("%s", result.detail)
-            self.recorder.action(action, result, now)
+        for host, names, result in done:
+            self.recorder.action(plan_module.Action("publish", host, tuple(names)), result, now)
             outcome.actions += 1
             outcome.failed += not result.ok
 

@@ -138,7 +138,7 @@ def subscribe(config_dir, rules_path, state_dir, once):
     except (seal.KeyFileError, ValueError) as error:
         cli.logger.error("%s", error)
         sys.exit(cli.EXIT_CONFIG)
-    except store.StoreError as error:
+    except (store.StoreError, OSError) as error:
         cli.logger.error("fleet: %s", error)
         sys.exit(cli.EXIT_INCOMPLETE)
 

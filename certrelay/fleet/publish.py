@@ -64,33 +64,56 @@ class Publisher:
         return self._signing_key
 
     def publish(self, host, names):
-        """Seal live/NAME of each of `names` for `host` and put them in one go; return an
+        """Seal live/NAME of each of `names` for `host` and put them; return an
         execute.Result (a failure says what failed and how to fix it)."""
+        return self.publish_all({host: names})[host]
+
+    def publish_all(self, wanted):
+        """Publish {host: names} in as few etcd transactions as their size allows (one
+        per 128 values): a renewal for 1,000 hosts is a few requests, not 1,000.
+        Return {host: execute.Result}; a host whose files cannot be sealed fails alone,
+        etcd refusing fails every host (each is published again by the next batch)."""
         from certrelay.fleet import seal, store
 
+        results, items, sealed = {}, {}, {}
         try:
-            recipient = seal.parse_recipient(self.hosts[host].recipient)
             signing_key = self.signing_key()
-            items, sealed = {}, {}
-            previous = self.published.get(host, {})
-            for name in names:
-                files = read_lineage(self.config_dir, name)
-                # Monotonic per host and lineage, even across a lost state file: the clock.
-                sequence = max(time.time_ns() // 1000, previous.get(name, {}).get("sequence", 0) + 1)
-                value = seal.seal(signing_key, recipient, host, name, files, sequence)
-                items[lineage_key(host, name)] = value
-                sealed[name] = (seal.peek(value)["fingerprint"], sequence)
+        except seal.KeyFileError as error:
+            return {host: execute.Result(False, f"cannot publish to {host}: {error}") for host in wanted}
+        files = {}
+        for host, names in wanted.items():
+            try:
+                recipient = seal.parse_recipient(self.hosts[host].recipient)
+                previous = self.published.get(host, {})
+                for name in names:
+                    if name not in files:
+                        files[name] = read_lineage(self.config_dir, name)
+                    # Monotonic per host and lineage, even across a lost state file: the clock.
+                    sequence = max(time.time_ns() // 1000, previous.get(name, {}).get("sequence", 0) + 1)
+                    value = seal.seal(signing_key, recipient, host, name, files[name], sequence)
+                    items[lineage_key(host, name)] = value
+                    sealed.setdefault(host, {})[name] = (seal.peek(value)["fingerprint"], sequence)
+            except (certificate.CertificateError, ValueError) as error:
+                results[host] = execute.Result(False, f"cannot publish to {host}: {error}")
+                sealed.pop(host, None)
+                for name in names:
+                    items.pop(lineage_key(host, name), None)
+        if not sealed:
+            return results
+        try:
             revision = self.store().put_many(items)
-        except (seal.KeyFileError, certificate.CertificateError, store.StoreError, ValueError) as error:
-            return execute.Result(False, f"cannot publish to {host}: {error}")
+        except store.StoreError as error:
+            results.update({host: execute.Result(False, f"cannot publish to {host}: {error}") for host in sealed})
+            return results
         now = time.time()
-        entry = self.published.setdefault(host, {})
-        for name, (fingerprint, sequence) in sealed.items():
-            entry[name] = {"fingerprint": fingerprint, "sequence": sequence, "revision": revision,
-                           "recipient": self.hosts[host].recipient, "time": now}
+        for host, names in sealed.items():
+            entry = self.published.setdefault(host, {})
+            for name, (fingerprint, sequence) in names.items():
+                entry[name] = {"fingerprint": fingerprint, "sequence": sequence, "revision": revision,
+                               "recipient": self.hosts[host].recipient, "time": now}
+            results[host] = execute.Result(True, f"etcd revision {revision}")
         self.save()
-        logger.info("published %s to %s (etcd revision %d)", ", ".join(names), host, revision)
-        return execute.Result(True)
+        return results
 
     def save(self):
         try:
@@ -117,6 +140,19 @@ class Publisher:
                     or lineage_key(host, name) not in keys):
                 found.setdefault(host, []).append(name)
         return found
+
+    def catch_up(self, scanned):
+        """Publish what `stale` finds; log each; return [(host, names, execute.Result)].
+        Raise store.StoreError if the store cannot be read."""
+        stale = self.stale(scanned)
+        results = self.publish_all(stale) if stale else {}
+        for host, names in stale.items():
+            if results[host].ok:
+                logger.info("done: publish %s to %s, which lacked it (%s)", ", ".join(names), host,
+                            results[host].detail)
+            else:
+                logger.error("%s", results[host].detail)
+        return [(host, names, results[host]) for host, names in stale.items()]
 
     def acknowledgements(self):
         """Return {(host, name): the ack dict} read from the store (an unreadable ack:

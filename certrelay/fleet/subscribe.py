@@ -94,16 +94,18 @@ class Subscriber:
         except certinfo.CertificateParseError as error:
             return self.refuse(name, kv, f"its certificate cannot be read: {error}")
         if have:
-            if opened.sequence == have.get("sequence") and opened.fingerprint == have.get("fingerprint"):
-                have["revision"] = kv.mod_revision  # published again, unchanged
-                self.save()
-                return False
-            if opened.sequence <= have.get("sequence", 0):
+            if opened.sequence <= have.get("sequence", 0) and not (
+                    opened.sequence == have.get("sequence") and opened.fingerprint == have.get("fingerprint")):
                 return self.refuse(name, kv, f"replayed: its sequence {opened.sequence} is not newer than"
                                              f" {have.get('sequence')}, which this host has")
             if info.not_before < have.get("not_before", 0):
                 return self.refuse(name, kv, "its certificate is older than the one this host has"
                                              f" (issued {utc(info.not_before)}, this host's {utc(have['not_before'])})")
+        if have and opened.fingerprint == have.get("fingerprint"):
+            # Published again (a catch-up after a crash, a store restored): nothing to do.
+            have.update(sequence=opened.sequence, revision=kv.mod_revision)
+            self.save()
+            return False
         self.install(name, opened.sequence, opened.files)
         lineages[name] = {"sequence": opened.sequence, "fingerprint": opened.fingerprint,
                           "not_before": info.not_before, "revision": kv.mod_revision}

@@ -355,3 +355,18 @@ def test_metrics_say_which_host_serves_what_was_published(fleet):
     assert f'certrelay_fleet_served_current{{host="mail",name="{NAME}"}} 1' in text
     assert f'certrelay_fleet_served_current{{host="web",name="{NAME}"}} 0' in text
     assert f'certrelay_fleet_published_timestamp_seconds{{host="proxy",name="{NAME}"}}' in text
+
+
+def test_the_same_certificate_published_again_acts_on_nothing(fleet):
+    fleet.renew()
+    mail = fleet.hosts["mail"]
+    assert subscribe_once(mail).returncode == 0
+    assert mail.run().returncode == 0
+    # The certbot host lost its state: its next run publishes everything again, anew.
+    os.unlink(os.path.join(fleet.publisher.state_dir, "fleet.json"))
+    again = fleet.publisher.run()
+    assert again.returncode == 0 and "which lacked it" in again.stderr, again.stderr
+    assert subscribe_once(mail).returncode == 0
+    assert mail.entries("queue") == []
+    assert mail.run().returncode == 0
+    assert mail.calls() == ["restart dovecot.service"]
