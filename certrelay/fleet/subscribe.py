@@ -194,6 +194,12 @@ class Subscriber:
             ack["state"] = "failed"
             ack["reason"] = "; ".join(f"{failure.get('action')}: {failure.get('error')}"
                                       for entry in kept for failure in entry.get("failed", []))[:2000]
+        elif fingerprint and name not in self.held():
+            ack["state"] = "failed"  # the notification is gone, and nothing was done
+            dropped = (status.get("dropped") or {}).get(name)
+            ack["reason"] = (f"this host's certrelay dropped it: {dropped.get('reason')}" if isinstance(dropped, dict)
+                             else "this host's certrelay did not act on it: does a [[rule]] select it?"
+                                  f" (certrelay explain {name})")
         if refused:
             ack["reason"] = f"refused revision {refused.get('revision')}: {refused.get('reason')}"
             if not fingerprint:
@@ -214,6 +220,24 @@ class Subscriber:
     def pending(self):
         """Return the names whose last ack waits for this host's certrelay."""
         return [name for name, ack in self.memory.data["acked"].items() if ack.get("state") == "pending"]
+
+    def unsettled(self):
+        """Return the names whose ack may still change without a new value: waiting,
+        failed (a retry may work), or with a notification still in the spool."""
+        return sorted(self.held() | {name for name, ack in self.memory.data["acked"].items()
+                                     if ack.get("state") in ("pending", "failed")})
+
+    def held(self):
+        """Return the names that have a notification in this host's spool (queue/ or
+        claimed/): its certrelay has not finished with them."""
+        root = os.path.join(self.config_dir, "certrelay")
+        names = set()
+        for directory in ("queue", "claimed"):
+            try:
+                names |= {entry.partition("@")[0] for entry in os.listdir(os.path.join(root, directory))}
+            except OSError:
+                pass
+        return names & set(self.memory.data["lineages"])
 
     def acknowledge_all(self, names=None):
         for name in names if names is not None else sorted(set(self.memory.data["lineages"]) |
@@ -314,7 +338,7 @@ class Subscriber:
                     else:
                         logger.warning("fleet: %s was deleted from etcd; this host keeps serving what it has",
                                        event.kv.key[len(self.prefix):])
-                self.acknowledge_all(self.pending())
+                self.acknowledge_all(self.unsettled())
                 systemd.send("WATCHDOG=1")
         finally:
             watch.close()

@@ -370,3 +370,21 @@ def test_the_same_certificate_published_again_acts_on_nothing(fleet):
     assert mail.entries("queue") == []
     assert mail.run().returncode == 0
     assert mail.calls() == ["restart dovecot.service"]
+
+
+def test_the_acknowledgement_says_what_failed_on_the_host(fleet):
+    fleet.renew()
+    mail, web = fleet.hosts["mail"], fleet.hosts["web"]
+    mail.behave("fail", "dovecot.service")
+    web.write_rules(open(web.rules_path, encoding="utf-8").read().replace(f'match = ["{NAME}"]', 'match = ["other"]'))
+    for relay in (mail, web):
+        assert subscribe_once(relay).returncode == 0
+        assert relay.run().returncode in (0, 1)
+        assert subscribe_once(relay).returncode == 0
+    rows = fleet.status()
+    assert rows["mail", NAME]["state"] == "failed" and "restart dovecot.service" in rows["mail", NAME]["reason"]
+    assert rows["web", NAME]["state"] == "failed" and "[[rule]]" in rows["web", NAME]["reason"]
+    os.unlink(os.path.join(mail.bin, "fail", "dovecot.service"))
+    assert mail.run().returncode == 0
+    assert subscribe_once(mail).returncode == 0
+    assert fleet.status()["mail", NAME]["state"] == "current"
