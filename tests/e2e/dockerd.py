@@ -107,14 +107,17 @@ def _stop(process, timeout=30):
 
 class DockerDaemon:
     """dockerd in a private mount namespace, its volumes resolving into `root`; in a network
-    namespace of its own, or in that of process `network_of` (the booted system's PID 1)."""
+    namespace of its own, or in that of process `network_of` (the booted system's PID 1).
+    Its images live in WORK_DIR/docker/data, or in `data_root` (kept by the caller between
+    runs; never two daemons at once)."""
 
-    def __init__(self, root, work_dir, network_of=None):
+    def __init__(self, root, work_dir, network_of=None, data_root=None):
         self.root = Path(root)
         self.network_of = network_of
         self.dir = Path(work_dir) / "docker"
         self.socket = self.root / SOCKET_IN_ROOT.lstrip("/")
         self.log_path = self.dir / "dockerd.log"
+        self.data_root = Path(data_root) if data_root else self.dir / "data"
         self.process = None
 
     @property
@@ -139,8 +142,8 @@ class DockerDaemon:
 
     def start(self, timeout=120):
         """Start dockerd and wait until it answers; return self."""
-        for sub in ("data", "exec", "scratch"):
-            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        for directory in (self.data_root, self.dir / "exec", self.dir / "scratch"):
+            directory.mkdir(parents=True, exist_ok=True)
         self.socket.parent.mkdir(parents=True, exist_ok=True)
         for volume in ("etc/letsencrypt", "var/lib/letsencrypt"):
             (self.root / volume).mkdir(parents=True, exist_ok=True)
@@ -149,7 +152,7 @@ class DockerDaemon:
         tmpfiles.write_text(TMPFILES)
         dockerd = [
             "/usr/sbin/dockerd", "--iptables=false", "--ip6tables=false", "--ip-masq=false",
-            f"--bip={BRIDGE_IP}/16", "--data-root", self.dir / "data", "--exec-root", self.dir / "exec",
+            f"--bip={BRIDGE_IP}/16", "--data-root", self.data_root, "--exec-root", self.dir / "exec",
             "--pidfile", self.dir / "docker.pid", "-H", f"unix://{self.socket}",
         ]
         if self.network_of is None:
@@ -175,9 +178,10 @@ class DockerDaemon:
         return ["nsenter", "-t", str(self.process.pid), "-n"]
 
     def stop(self):
-        """Stop dockerd by its PID and unmount what it left below its directory."""
+        """Stop dockerd by its PID and unmount what it left below its directories (its
+        mounts are in its own mount namespace, which ends with it: this makes sure)."""
         _stop(self.process, timeout=60)
-        for point in rootfs.mounts_under(self.dir):
+        for point in [*rootfs.mounts_under(self.dir), *rootfs.mounts_under(self.data_root)]:
             done = subprocess.run(["umount", point], capture_output=True)
             if done.returncode != 0:
                 subprocess.run(["umount", "--lazy", point], capture_output=True)
@@ -286,9 +290,12 @@ class CertbotInDocker:
         self.config = Path(config_dir)
         self.acme_dir = self.config / ACME_DIR.removeprefix("/etc/letsencrypt/")
         self.image = image or docker_image.certbot_image()
-        version = self.image.name.removeprefix("certbot-")
+        # Tagged with the cached tar's key: a daemon that kept its images from an earlier
+        # run (DockerDaemon's data_root) has this one already, or an outdated one.
+        version = f"{self.image.name.removeprefix('certbot-')}-{docker_image.cache_key(self.image)}"
         self.imported = f"certrelay-e2e/certbot-imported:{version}"
         self.derived = f"certrelay-e2e/certbot-derived:{version}"
+        self.reused = False
 
     def prepare(self):
         self.acme_dir.mkdir(parents=True, exist_ok=True)
@@ -296,12 +303,22 @@ class CertbotInDocker:
         install_file(FILES / "docker-acme-cleanup", self.acme_dir / "cleanup")
         install_file(ACME_HOOKS / "auth-hook", self.acme_dir / "auth-hook")
         install_file(ACME_HOOKS / "cleanup-hook", self.acme_dir / "cleanup-hook")
-        docker_image.import_image(self.daemon.client, self.imported, image=self.image)
-        context = self.daemon.dir / f"derived-{self.image.name}"
-        context.mkdir(parents=True, exist_ok=True)
-        (context / "Dockerfile").write_text(f"FROM {self.imported}\nENV REQUESTS_CA_BUNDLE={ACME_DIR}/ca.pem\n")
-        self.daemon.docker("build", "-q", "-t", self.derived, context)
+        self.reused = self.daemon.docker("image", "inspect", self.derived, check=False).returncode == 0
+        if not self.reused:
+            docker_image.import_image(self.daemon.client, self.imported, image=self.image)
+            context = self.daemon.dir / f"derived-{self.image.name}"
+            context.mkdir(parents=True, exist_ok=True)
+            (context / "Dockerfile").write_text(f"FROM {self.imported}\nENV REQUESTS_CA_BUNDLE={ACME_DIR}/ca.pem\n")
+            self.daemon.docker("build", "-q", "-t", self.derived, context)
         self.restore_tag()
+        # Outdated imports of this certbot (a kept data root): no use any more.
+        stale = [name for name in self.daemon.docker("image", "ls", "--format", "{{.Repository}}:{{.Tag}}").stdout.split()
+                 if name.startswith(("certrelay-e2e/certbot-imported:", "certrelay-e2e/certbot-derived:"))
+                 and name.split(":", 1)[1].startswith(self.image.name.removeprefix("certbot-") + "-")
+                 and name not in (self.imported, self.derived)]
+        if stale:
+            self.daemon.docker("rmi", *stale, check=False)
+            self.daemon.docker("image", "prune", "--force", check=False)
         return self
 
     def restore_tag(self):
