@@ -35,7 +35,9 @@ timeout, the container gone; the path unit and the watch daemon relaying a notif
 written in the container; a volume without the hook (reconcile).
 
 Needs root, dockerd (docker.io), mmdebstrap, systemd-nspawn, pebble. The image's root
-file system is cached in .cache/ (built in about a minute when its inputs change).
+file system is cached in .cache/ (built in one to three minutes when its inputs change,
+most of it mmdebstrap and pip downloading). test_docker_services.py (nginx in a
+container) and test_docker_oldest.py (Debian 12's certbot 2.1.0) reuse docker_world.
 """
 
 import contextlib
