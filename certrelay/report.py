@@ -66,6 +66,10 @@ def problems(snapshot):
         kept_actions.update(kept["action"] for kept in cert.get("kept") or [])
     for dropped in snapshot.get("dropped") or []:
         found.append(("warning", dropped_summary(dropped)))
+    unsent = snapshot.get("unsent_alerts") or []
+    if unsent:
+        found.append(("warning", f"{len(unsent)} alert(s) not sent yet, the next run tries again (certrelay alert"
+                                 f" --test says which channel fails): {problems_summary([one_line(s) for s in unsent])}"))
     for unit in snapshot.get("units") or []:
         # a failure already reported as a kept action is one problem, not two
         if unit.get("result") == "failure" and f"{unit['verb']} {unit['unit']}" not in kept_actions:
@@ -267,6 +271,7 @@ def as_json(snapshot):
             {key: action[key] for key in ("unit", "verb", "result", "count")}
             for action in snapshot.get("actions_total") or []
         ],
+        "unsent_alerts": list(snapshot.get("unsent_alerts") or []),
         "problems": needs_attention(snapshot),
     }
     return json.dumps(document, indent=2, ensure_ascii=False) + "\n"

@@ -129,6 +129,10 @@ def snapshot(config_dir, rules, state_dir, error=None, scanned=None):
         taken["actions_total"].append({"unit": unit, "verb": verb, "result": result, "count": count})
     for unit, last in sorted((data.get("units") or {}).items()):
         taken["units"].append({"unit": unit, **last})
+    alerts = state.Store(state_dir, "alerts.json").data if os.path.isfile(os.path.join(state_dir, "alerts.json")) \
+        else {}
+    outbox = alerts.get("outbox") if isinstance(alerts.get("outbox"), list) else []
+    taken["unsent_alerts"] = [str(entry.get("subject")) for entry in outbox if isinstance(entry, dict)]
     if rules is None:
         return taken
     pending, claimed = spool_names(config_dir)

@@ -159,14 +159,20 @@ def test_an_alert_the_channel_refuses_is_kept_and_sent_by_the_next_run(relay, pa
     refused = relay.run()
     with open(os.path.join(relay.state_dir, "alerts.json"), encoding="utf-8") as file:
         outbox = json.load(file)["outbox"]
+    waiting = relay.run("--json", command="status")
     os.unlink(pager.refuse)
     sent = relay.run()
+    after = relay.run("--json", command="status")
 
     assert refused.returncode == 1
     assert f"not sent through command {pager.program}: exit status 1: pager: down; kept in " in refused.stderr
     assert "1 alert(s) not sent" in refused.stderr
     assert [message["channels"] for message in outbox] == [[f"command {pager.program}"]]
     assert sent.returncode == 0, sent.stderr  # the overdue line was said in the first run: once a day
+    # status says a message waits, and stops saying it once sent
+    assert json.loads(waiting.stdout)["unsent_alerts"] == [f"certrelay on {os.uname().nodename}: renewal of {NAME} overdue"]
+    assert any("1 alert(s) not sent yet" in problem for problem in json.loads(waiting.stdout)["problems"])
+    assert json.loads(after.stdout)["unsent_alerts"] == []
     assert [subject for _, subject, _ in pager.messages()] == [
         f"certrelay on {os.uname().nodename}: renewal of {NAME} overdue"]
 

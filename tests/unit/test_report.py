@@ -217,7 +217,8 @@ def test_as_json_parses_back_with_stable_keys_and_rfc3339_times():
 
     assert text == report.as_json(data)
     assert list(document) == [
-        "time", "last_run", "error", "certificates", "units", "notifications", "dropped", "actions_total", "problems"
+        "time", "last_run", "error", "certificates", "units", "notifications", "dropped", "actions_total", "unsent_alerts",
+        "problems",
     ]
     assert document["time"] == "2025-11-28T03:20:00Z"
     assert document["last_run"] is None
