@@ -40,6 +40,8 @@ def install_certrelay(root, prefix, compile_=True, python=PYTHON):
     package.mkdir(parents=True, exist_ok=True)
     for source in sorted((REPO / "certrelay").glob("*.py")):
         shutil.copy(source, package / source.name)
+    shutil.copytree(REPO / "certrelay" / "fleet", package / "fleet", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
     if compile_:
         subprocess.run([str(python), "-m", "compileall", "-q", str(package)], check=True)
     wrapper = base / "bin" / "certrelay"

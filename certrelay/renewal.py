@@ -48,11 +48,13 @@ class Policy:
         off). Raise PolicyError for a `renew_before_expiry` certrelay cannot read."""
         if not self.autorenew:
             return None
+        # A margin longer than the lifetime (30 days before 4.0, a 6-day certificate) makes
+        # certbot renew at its first run after issue, not before: never earlier than not_before.
         if self.renew_before_expiry is not None:
-            return before(not_after, self.renew_before_expiry)
+            return max(not_before, before(not_after, self.renew_before_expiry))
         lifetime = not_after - not_before
         newer = not_before + lifetime * (0.5 if lifetime < 10 * DAY else 2 / 3)
-        older = not_after - 30 * DAY
+        older = max(not_before, not_after - 30 * DAY)
         if self.version is None:  # unknown: the later of the two, never a false alarm
             return max(newer, older)
         return newer if self.version >= (4, 0) else older

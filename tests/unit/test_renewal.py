@@ -17,12 +17,17 @@ def policy(text):
 
 @pytest.mark.parametrize("version, days, renew_after_days", [
     ("5.8.0", 90, 60), ("4.0.0", 90, 60), ("4.0.0", 45, 30), ("5.8.0", 6, 3), ("3.3.0", 90, 60), ("2.1.0", 45, 15),
-    ("3.3.0", 20, -10),
-], ids=["5.8-90d", "4.0-90d", "4.0-45d", "5.8-6d-half", "3.3-90d", "2.1-45d", "3.3-20d"])
+    ("3.3.0", 20, 0),
+], ids=["5.8-90d", "4.0-90d", "4.0-45d", "5.8-6d-half", "3.3-90d", "2.1-45d", "3.3-20d-due-at-issue"])
 def test_certbots_default_follows_the_version_that_wrote_the_file(version, days, renew_after_days):
     found = policy(f"version = {version}\narchive_dir = /etc/letsencrypt/archive/x\n[renewalparams]\nkey_type = rsa\n")
 
     assert found.renew_at(START, START + days * DAY) == pytest.approx(START + renew_after_days * DAY)
+
+
+def test_a_margin_longer_than_the_lifetime_is_due_at_issue_not_before_it():
+    # certbot renews at its first run after issue; an earlier date would be overdue at once
+    assert policy("version = 2.1.0\nrenew_before_expiry = 30 days\n").renew_at(START, START + 6 * DAY) == START
 
 
 def test_without_a_version_the_later_default_never_raises_a_false_alarm():
