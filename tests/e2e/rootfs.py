@@ -2,10 +2,12 @@
 
 `cached_rootfs()` builds bookworm with mmdebstrap (systemd, apache2, dovecot, exim4,
 python3 with certrelay's Debian dependencies) into REPO/.cache/e2e-rootfs-HASH, HASH
-covering everything that goes into the build. The build goes into a temporary directory
-that is renamed into place only when complete, so an interrupted build is never reused.
-`Overlay` gives each test run a writable copy on top of it (overlayfs): runs never change
-the cache.
+covering everything that goes into the build; `cached_rootfs(packages=...)` builds
+another package set (e.g. PACKAGES plus etcd for the fleet test) into its own HASH. The
+build goes into a temporary directory that is renamed into place only when complete, so
+an interrupted build is never reused. `Overlay` gives each test run a writable copy on
+top of it (overlayfs): runs never change the cache; `scratch_roots` gives several
+machines one each, on the same cache.
 
 Run as a script to build (or find) the cache: python3 tests/e2e/rootfs.py
 """
@@ -68,12 +70,13 @@ def debian_mirror():
     return "http://deb.debian.org/debian"
 
 
-def mmdebstrap_argv(target, mirror=None):
-    """Return the mmdebstrap command line that builds the root file system into `target`."""
+def mmdebstrap_argv(target, mirror=None, packages=PACKAGES):
+    """Return the mmdebstrap command line that builds the root file system of
+    `packages` (default PACKAGES) into `target`."""
     mirror = mirror or debian_mirror()
     return [
         "mmdebstrap", "--mode=root", "--variant=minbase", "--quiet",
-        "--include=" + ",".join(PACKAGES),
+        "--include=" + ",".join(packages),
         # No documentation or man pages: smaller and faster to build.
         "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/doc/*",
         "--dpkgopt=path-include=/usr/share/doc/*/copyright",
@@ -81,9 +84,9 @@ def mmdebstrap_argv(target, mirror=None):
     ]
 
 
-def cache_key(mirror=None):
+def cache_key(mirror=None, packages=PACKAGES):
     """Return the hash naming the cached root file system (argv without the target)."""
-    argv = mmdebstrap_argv("TARGET", mirror)
+    argv = mmdebstrap_argv("TARGET", mirror, packages)
     return hashlib.sha256("\0".join([BUILD_VERSION, *argv]).encode()).hexdigest()[:16]
 
 
@@ -126,13 +129,14 @@ def remove_tree(path):
     subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)], check=True)
 
 
-def cached_rootfs(log=print):
-    """Return the path of the complete cached root file system, building it if needed.
+def cached_rootfs(log=print, packages=PACKAGES):
+    """Return the path of the complete cached root file system of `packages` (default
+    PACKAGES: the one every e2e module shares), building it if needed.
 
     A lock file serializes builders; temporary directories left by an interrupted build
     are removed. Raises RuntimeError with mmdebstrap's output if the build fails.
     """
-    key = cache_key()
+    key = cache_key(packages=packages)
     final = CACHE / f"e2e-rootfs-{key}"
     if (final / "usr" / "lib" / "systemd" / "systemd").exists():
         return final
@@ -145,7 +149,7 @@ def cached_rootfs(log=print):
             log(f"removing the interrupted build {stale}")
             remove_tree(stale)
         partial = CACHE / f"e2e-rootfs-{key}.partial-{os.getpid()}"
-        argv = mmdebstrap_argv(partial)
+        argv = mmdebstrap_argv(partial, packages=packages)
         log(f"building the e2e root file system (once): {' '.join(argv)}")
         started = time.monotonic()
         try:
@@ -206,17 +210,36 @@ def scratch_root(prefix):
     cached root file system in a fresh `work_dir` under /var/tmp, `stack` an ExitStack
     for the module's own clean-ups, closed before the overlay is unmounted and the work
     dir removed (kept when CERTRELAY_E2E_KEEP=1)."""
+    with scratch_roots(prefix, [None]) as (roots, work_dir, stack):
+        yield roots[None], work_dir, stack
+
+
+@contextlib.contextmanager
+def scratch_roots(prefix, names, packages=PACKAGES):
+    """Yield ({name: root}, work_dir, stack) for a module booting several machines:
+    each root a writable overlay of its own (in WORK_DIR/NAME/) on the same cached root
+    file system of `packages`, in one fresh `work_dir` under /var/tmp. `stack` is an
+    ExitStack for the module's clean-ups (stopping the machines), closed before the
+    overlays are unmounted and the work dir removed (kept when CERTRELAY_E2E_KEEP=1).
+    A name of None puts that overlay in the work dir itself (scratch_root's layout)."""
+    lower = cached_rootfs(packages=packages)
     work_dir = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
-    overlay = Overlay(cached_rootfs(), work_dir)
+    overlays = [Overlay(lower, work_dir if name is None else work_dir / name) for name in names]
     try:
         with contextlib.ExitStack() as stack:
-            yield overlay.mount(), work_dir, stack
+            yield {name: overlay.mount() for name, overlay in zip(names, overlays)}, work_dir, stack
     finally:
-        if overlay.mounted:
-            overlay.unmount()
+        left = []
+        for overlay in overlays:
+            if overlay.mounted:
+                try:
+                    overlay.unmount()
+                except RuntimeError as error:
+                    left.append(str(error))
+        if left:
+            raise RuntimeError(f"not removing {work_dir}: {'; '.join(left)}")
         if os.environ.get("CERTRELAY_E2E_KEEP") != "1":
             remove_tree(work_dir)
-
 
 if __name__ == "__main__":
     reason = skip_reason()
