@@ -6,10 +6,15 @@
     container.serial_on_port(993)         # the certificate a TLS client sees
     container.stop()                      # poweroff, wait; kill by PID only as a last resort
 
+    boot_all([a, b, c])                   # several at once: all start, then each is waited for
+    stop_all([a, b, c])                   # all asked to power off, then each is waited for
+    lan = Lan(a, "192.0.2.10")            # a private network between them (a bridge in a's
+    lan.connect(b, "192.0.2.25")          # namespace, a veth pair to each other one)
+
 No machined: `--register=no`, and the leader (the container's PID 1) is found as the
 child of the systemd-nspawn process. `--private-network` gives the container a loopback
 of its own, so its ports never clash with the host's; the host reaches them with
-`nsenter --net`.
+`nsenter --net`. `Lan` links containers with each other, never with the host.
 """
 
 import os
@@ -43,16 +48,19 @@ def wait_until(predicate, timeout, interval=0.2, what="condition", explain=None)
 class Container:
     """One systemd-nspawn container booting the directory `root`.
 
-    Fields: root, log_path (nspawn's and the console's output), process (the
-    systemd-nspawn Popen), leader (the container's PID 1 as the host sees it).
+    Fields: root, log_path (nspawn's and the console's output), options (more
+    systemd-nspawn options), process (the systemd-nspawn Popen), leader (the
+    container's PID 1 as the host sees it).
     """
 
-    def __init__(self, root, log_path, name="certrelay-e2e"):
+    def __init__(self, root, log_path, name="certrelay-e2e", options=()):
         self.root = Path(root)
         self.log_path = Path(log_path)
         self.name = name
+        self.options = tuple(options)  # more systemd-nspawn options
         self.process = None
         self.leader = None
+        self.powering_off = False
 
     # --- life cycle ----------------------------------------------------------------
 
@@ -63,13 +71,24 @@ class Container:
         cannot work in a container is no reason to stop). Raises ContainerError with
         the console log if nspawn exits or systemd does not come up within `timeout`.
         """
+        self.start()
+        return self.wait_booted(timeout)
+
+    def start(self):
+        """Start systemd-nspawn, without waiting (`wait_booted` waits); return self."""
         argv = [
             "systemd-nspawn", "--quiet", "--directory", str(self.root), "--boot",
             "--register=no", "--keep-unit", "--private-network", f"--machine={self.name}",
-            "--link-journal=no", "--resolv-conf=off", "--timezone=off", "--console=pipe",
+            "--link-journal=no", "--resolv-conf=off", "--timezone=off", "--console=pipe", *self.options,
         ]
+        self.leader, self.powering_off = None, False
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def wait_booted(self, timeout=120):
+        """Wait until the container `start` started has a PID 1 and systemd in it is up
+        (as `boot` says); return self."""
 
         def leader():
             self._check_alive()
@@ -106,13 +125,8 @@ class Container:
         """
         if self.process is None or self.process.poll() is not None:
             return
-        if self.leader:
-            try:
-                os.kill(self.leader, signal.SIGRTMIN + 4)
-            except ProcessLookupError:
-                pass
-        else:
-            self.process.terminate()
+        if not self.powering_off:
+            self.poweroff()
         try:
             self.process.wait(timeout=timeout)
             return
@@ -125,6 +139,20 @@ class Container:
                 except ProcessLookupError:
                     pass
         self.process.wait(timeout=30)
+
+    def poweroff(self):
+        """Ask the container's systemd for a clean poweroff (SIGRTMIN+4 to its PID 1; before
+        there is one, SIGTERM to nspawn), without waiting: `stop` waits."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.powering_off = True
+        if self.leader:
+            try:
+                os.kill(self.leader, signal.SIGRTMIN + 4)
+            except ProcessLookupError:
+                pass
+        else:
+            self.process.terminate()
 
     def _check_alive(self):
         if self.process.poll() is not None:
@@ -159,14 +187,17 @@ class Container:
 
     # --- commands inside -----------------------------------------------------------
 
-    def run(self, argv, timeout=60, check=False, namespaces=("-a",)):
+    def run(self, argv, timeout=60, check=False, namespaces=("-a",), input=None, environment=()):
         """Run `argv` inside the container (all its namespaces); return the CompletedProcess.
 
-        Text output; the environment is INSIDE_ENVIRONMENT only. With `check`, raise
+        Text output; the environment is INSIDE_ENVIRONMENT only, plus `environment`
+        ("NAME=value" strings); stdin is `input` (text), else empty. With `check`, raise
         ContainerError (with the output) for a non-zero exit status.
         """
-        command = ["nsenter", "-t", str(self.leader), *namespaces, "env", "-i", *INSIDE_ENVIRONMENT, *argv]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        command = ["nsenter", "-t", str(self.leader), *namespaces, "env", "-i", *INSIDE_ENVIRONMENT, *environment,
+                   *argv]
+        stdin = {"input": input} if input is not None else {"stdin": subprocess.DEVNULL}
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, **stdin)
         if check and done.returncode != 0:
             raise ContainerError(f"{' '.join(argv)} exited with {done.returncode}:\n{done.stdout}{done.stderr}")
         return done
@@ -207,3 +238,66 @@ class Container:
         parsed = subprocess.run(["openssl", "x509", "-noout", "-serial"], input=client.stdout,
                                 capture_output=True, text=True, timeout=timeout)
         return parsed.stdout.strip().partition("=")[2] or None
+
+
+def boot_all(containers, timeout=120):
+    """Boot `containers` side by side: start every systemd-nspawn, then wait for each
+    (as Container.boot does); return them. The ones that started are the caller's to
+    stop, also when one fails to boot (ContainerError)."""
+    for container in containers:
+        container.start()
+    for container in containers:
+        container.wait_booted(timeout)
+    return containers
+
+
+def stop_all(containers, timeout=60):
+    """Stop `containers` side by side: ask each to power off, then `stop` each (which
+    waits, and kills by PID one that does not go)."""
+    for container in containers:
+        container.poweroff()
+    errors = []
+    for container in containers:
+        try:
+            container.stop(timeout)
+        except Exception as error:  # the others are still stopped; then it is raised
+            errors.append(error)
+    if errors:
+        raise errors[0]
+
+
+class Lan:
+    """A private network between booted containers, made by the test with addresses it
+    chooses: a bridge in the network namespace of `hub` (which gets `address` on it), and
+    a veth pair from that bridge to each container `connect`ed. Nothing is made in the
+    host's network namespace and nothing routes out of it (no default route, no
+    forwarding): the containers reach each other and nothing else. Every link lives in
+    the containers' namespaces and goes with them when they stop.
+
+    The host's `ip` (iproute2) runs in the containers' network namespaces (nsenter -n).
+    """
+
+    def __init__(self, hub, address, prefix_length=24, interface="lan0"):
+        self.hub, self.prefix_length, self.interface = hub, prefix_length, interface
+        self.addresses = {hub.name: address}
+        self._ip(hub, "link", "add", interface, "type", "bridge")
+        self._ip(hub, "addr", "add", f"{address}/{prefix_length}", "dev", interface)
+        self._ip(hub, "link", "set", interface, "up")
+
+    def connect(self, container, address):
+        """Link `container` to the hub's bridge; its end is INTERFACE with `address`."""
+        port = f"lan{len(self.addresses)}"  # the hub's end, on the bridge
+        self._ip(self.hub, "link", "add", port, "type", "veth", "peer", "name", self.interface,
+                 "netns", str(container.leader))
+        self._ip(self.hub, "link", "set", port, "master", self.interface, "up")
+        self._ip(container, "addr", "add", f"{address}/{self.prefix_length}", "dev", self.interface)
+        self._ip(container, "link", "set", self.interface, "up")
+        self.addresses[container.name] = address
+        return self
+
+    @staticmethod
+    def _ip(container, *argv):
+        command = ["nsenter", "-t", str(container.leader), "-n", "ip", *argv]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise ContainerError(f"{' '.join(command)} exited with {done.returncode}:\n{done.stdout}{done.stderr}")
