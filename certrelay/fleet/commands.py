@@ -11,11 +11,29 @@ DEFAULT_IDENTITY = "/etc/certrelay/fleet/host.key"
 DEFAULT_SIGNING_KEY = "/etc/certrelay/fleet/publisher.key"
 
 
-def rules_or_none(rules_path, config_dir):
-    """Return the rules if the file exists and is valid (exit 2 if it is invalid), else None."""
+def rules_or_none(rules_path, config_dir, table, key):
+    """Return the rules if the file exists and is valid, else None. An invalid file that
+    does not name the key's path ([`table`] `key`) is no reason to refuse making a key:
+    the packaged rules.toml has no rule yet, and a fleet host makes its key before it
+    writes [subscribe]. One that names it exits 2 with its problems, as every command."""
     import os
+    import tomllib
 
-    return cli.load_rules(rules_path, config_dir) if os.path.exists(rules_path) else None
+    from certrelay import rules as rules_module
+
+    if not os.path.exists(rules_path):
+        return None
+    try:
+        return rules_module.load(rules_path, config_dir=config_dir)
+    except rules_module.RulesError:
+        try:
+            with open(rules_path, "rb") as file:
+                section = tomllib.load(file).get(table)
+            if not (isinstance(section, dict) and key in section):
+                return None
+        except (OSError, tomllib.TOMLDecodeError):
+            pass
+    return cli.load_rules(rules_path, config_dir)
 
 
 @click.group()
@@ -31,7 +49,7 @@ def keygen(config_dir, rules_path, state_dir, key_path):
     """Make this fleet host's key (X25519); print the recipient for its [[fleet.host]]."""
     from certrelay.fleet import seal
 
-    rules = rules_or_none(rules_path, config_dir)
+    rules = rules_or_none(rules_path, config_dir, "subscribe", "identity")
     path = key_path or (rules.subscribe.identity if rules and rules.subscribe else DEFAULT_IDENTITY)
     private, recipient = seal.new_identity()
     write_key(path, private)
@@ -48,7 +66,7 @@ def init(config_dir, rules_path, state_dir, key_path):
     every fleet host's [subscribe]."""
     from certrelay.fleet import seal
 
-    rules = rules_or_none(rules_path, config_dir)
+    rules = rules_or_none(rules_path, config_dir, "fleet", "signing-key")
     path = key_path or (rules.fleet.signing_key if rules and rules.fleet else DEFAULT_SIGNING_KEY)
     private, publisher = seal.new_signing_key()
     write_key(path, private)
