@@ -343,7 +343,7 @@ class Batch:
         """The fleet's publish.Publisher (rules with a [fleet] table), made when first needed."""
         from certrelay.fleet import publish  # only a certbot host with a fleet pays for it
 
-        return publish.Publisher(self.rules.fleet, self.config_dir, self.state_dir, self.rules.settings["timeout"])
+        return publish.Publisher(self.rules.fleet, self.config_dir, self.state_dir)
 
     def publish_stale(self, outcome, now):
         """Publish what the fleet's hosts lack although no notification asked (a host

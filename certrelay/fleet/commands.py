@@ -111,7 +111,7 @@ def fleet_status(config_dir, rules_path, state_dir, as_json, nagios):
     if not rules.fleet:
         cli.logger.error("%s has no [fleet] table: `fleet status` runs on the certbot host", rules_path)
         sys.exit(cli.EXIT_CONFIG)
-    rows, error = report.collect(rules.fleet, config_dir, state_dir, rules.settings["timeout"])
+    rows, error = report.collect(rules.fleet, config_dir, state_dir)
     if nagios:
         code, text = report.nagios(rows, error)
         click.echo(text)
@@ -165,10 +165,10 @@ def check_problems(rules):
     """Return what `certrelay check` finds wrong with the fleet tables of `rules`:
     keys that cannot be read, etcd that cannot be reached with the credentials, and
     a host that can read more than its own prefix (its role grants too much)."""
-    from certrelay.fleet import config as fleet_config, seal, store
+    from certrelay.fleet import config as fleet_config, publish, seal, store
 
     problems = []
-    timeout = rules.settings["timeout"]
+    timeout = publish.STORE_TIMEOUT  # not the systemctl timeout: check must not hang on a firewall
     for table, connection, key_file, load, own in (
             ("[fleet]", rules.fleet and rules.fleet.connection, rules.fleet and rules.fleet.signing_key,
              seal.load_signing_key, fleet_config.PREFIX + "hosts/"),

@@ -23,6 +23,9 @@ FILES = ("cert.pem", "chain.pem", "fullchain.pem", "privkey.pem")
 MAX_FILE = 256 * 1024  # bytes: a PEM file of a lineage; the container writes them
 FLEET_PROBLEM = "*fleet"  # alarm key of the store being unreachable; no lineage name has a "*"
 UNACKNOWLEDGED = "fleet "  # alarm key prefix, then "HOST/NAME"
+# Seconds per etcd request. Not the `timeout` setting (120 s, for systemctl): behind a
+# firewall that drops packets each request would wait that long, and a batch makes three.
+STORE_TIMEOUT = 15.0
 
 
 def lineage_key(host, name):
@@ -39,11 +42,12 @@ def read_lineage(config_dir, name):
 class Publisher:
     """Publishes for one batch: the [fleet] `fleet`, certbot's `config_dir`, STATE_DIR."""
 
-    def __init__(self, fleet, config_dir, state_dir, timeout=30.0):
+    def __init__(self, fleet, config_dir, state_dir, timeout=STORE_TIMEOUT):
         self.fleet, self.config_dir, self.timeout = fleet, config_dir, timeout
         self.hosts = {host.name: host for host in fleet.hosts}
         self.ledger = state.Store(state_dir, "fleet.json")
         self._store = self._signing_key = None
+        self.unreachable = None  # the StoreError of a request that could not reach etcd: the batch's later ones fail at once
         self.acks = None  # what `problems` read: {(host, name): ack}, or None if it could not
 
     @property
@@ -51,10 +55,22 @@ class Publisher:
         published = self.ledger.data.setdefault("published", {})
         return published
 
-    def store(self):
-        if self._store is None:
-            self._store = self.fleet.connection.store(self.timeout)
-        return self._store
+    def etcd(self, method, *arguments, **options):
+        """Call store.Store's `method`; once one call of this batch could not reach etcd
+        (not a refusal), fail the others at once with its error. Raise store.StoreError."""
+        from certrelay.fleet import store
+
+        if self.unreachable is not None:
+            raise self.unreachable
+        try:
+            if self._store is None:
+                self._store = self.fleet.connection.store(self.timeout)
+            return getattr(self._store, method)(*arguments, **options)
+        except store.Denied:
+            raise
+        except store.StoreError as error:
+            self.unreachable = error
+            raise
 
     def signing_key(self):
         from certrelay.fleet import seal
@@ -101,7 +117,7 @@ class Publisher:
         if not sealed:
             return results
         try:
-            revision = self.store().put_many(items)
+            revision = self.etcd("put_many", items)
         except store.StoreError as error:
             results.update({host: execute.Result(False, f"cannot publish to {host}: {error}") for host in sealed})
             return results
@@ -131,7 +147,7 @@ class Publisher:
         published as live/ has it, to the host's current key, or gone from the store.
         Raise store.StoreError if the store cannot be read."""
         wanted = self.wanted(scanned)
-        _, present = self.store().range(fleet_config.PREFIX + "hosts/", keys_only=True)
+        _, present = self.etcd("range", fleet_config.PREFIX + "hosts/", keys_only=True)
         keys = {kv.key for kv in present}
         found = {}
         for (host, name), fingerprint in sorted(wanted.items()):
@@ -147,9 +163,8 @@ class Publisher:
         stale = self.stale(scanned)
         results = self.publish_all(stale) if stale else {}
         for host, names in stale.items():
-            if results[host].ok:
-                logger.info("done: publish %s to %s, which lacked it (%s)", ", ".join(names), host,
-                            results[host].detail)
+            if results[host].ok:  # as execute.apply says it, and why
+                logger.info("done: publish %s (%s): %s; it lacked them", host, ", ".join(names), results[host].detail)
             else:
                 logger.error("%s", results[host].detail)
         return [(host, names, results[host]) for host, names in stale.items()]
@@ -157,7 +172,7 @@ class Publisher:
     def acknowledgements(self):
         """Return {(host, name): the ack dict} read from the store (an unreadable ack:
         {"error": why}). Raise store.StoreError."""
-        _, found = self.store().range(fleet_config.PREFIX + "acks/")
+        _, found = self.etcd("range", fleet_config.PREFIX + "acks/")
         acks = {}
         for kv in found:
             host, _, name = kv.key[len(fleet_config.PREFIX + "acks/"):].partition("/")

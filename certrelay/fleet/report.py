@@ -7,7 +7,7 @@ import time
 from certrelay.fleet import config as fleet_config, publish
 
 
-def collect(fleet, config_dir, state_dir, timeout):
+def collect(fleet, config_dir, state_dir):
     """Return (rows, error): a row per host and lineage published to a host of
     `fleet`, and None, or ([], why etcd cannot be read). A row: host, name,
     fingerprint and published (epoch) from the store's clear fields, acked (the
@@ -15,9 +15,9 @@ def collect(fleet, config_dir, state_dir, timeout):
     refused, unreadable), reason, since (epoch of the ack)."""
     from certrelay.fleet import seal, store
 
-    publisher = publish.Publisher(fleet, config_dir, state_dir, timeout)
+    publisher = publish.Publisher(fleet, config_dir, state_dir)
     try:
-        _, values = publisher.store().range(fleet_config.PREFIX + "hosts/")
+        _, values = publisher.etcd("range", fleet_config.PREFIX + "hosts/")
         acks = publisher.acknowledgements()
     except store.StoreError as error:
         return [], f"fleet: cannot read etcd: {error}"

@@ -485,8 +485,8 @@ def wait_served(fleet, expected):
 
 
 def published_to(output):
-    """Return the hosts that `certrelay run` says it published NAME to ("done: publish"
-    lines: "... publish NAME to HOST, which lacked it", "... publish HOST (NAME)")."""
+    """Return the hosts that `certrelay run` says it published NAME to ("done: publish
+    HOST (NAME): ...", for a notification and for what a host lacked alike)."""
     said = [line.partition("done: publish")[2] for line in output.splitlines() if "done: publish" in line]
     return {host for line in said if NAME in line
             for host in HOSTS if host in re.findall(r"[a-z0-9_-]+", line.replace(NAME, ""))}

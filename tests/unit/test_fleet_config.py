@@ -94,3 +94,24 @@ def test_subscribe_needs_its_host_and_a_publisher_key():
     found = problems(SUBSCRIBE.replace('host = "mail"\n', "").replace(PUBLISHER, RECIPIENT))
     assert any(problem.startswith("r.toml:5:") and "needs host" in problem for problem in found), found
     assert any(problem.startswith("r.toml:11:") and "[subscribe] publisher" in problem for problem in found), found
+
+
+def test_once_etcd_cannot_be_reached_the_batch_asks_no_more():
+    # Behind a firewall that drops packets each request waits out its timeout: a batch
+    # that found etcd unreachable must not wait again for each host and the acks.
+    from certrelay.fleet import publish, store
+
+    class Unreachable:
+        calls = 0
+
+        def range(self, *arguments, **options):
+            Unreachable.calls += 1
+            raise store.StoreError("https://etcd1.example.net:2379: timed out")
+
+    publisher = publish.Publisher(rules.parse(FLEET.encode(), "r.toml").fleet, "/nonexistent", "/nonexistent")
+    publisher._store = Unreachable()
+    for _ in range(3):
+        with pytest.raises(store.StoreError, match="timed out"):
+            publisher.acknowledgements()
+    assert Unreachable.calls == 1
+    assert [problem.subject for problem in publisher.problems(0)] == ["fleet store unreachable"]
