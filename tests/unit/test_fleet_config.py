@@ -115,3 +115,19 @@ def test_once_etcd_cannot_be_reached_the_batch_asks_no_more():
             publisher.acknowledgements()
     assert Unreachable.calls == 1
     assert [problem.subject for problem in publisher.problems(0)] == ["fleet store unreachable"]
+
+
+def test_keygen_works_beside_the_packaged_rules_file_that_has_no_rule_yet(tmp_path):
+    # docs/fleet.md step 1 comes before the admin writes any rule or [subscribe]
+    import os
+
+    from click.testing import CliRunner
+
+    from certrelay import cli
+
+    packaged = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "etc", "rules.toml")
+    key = tmp_path / "fleet" / "host.key"
+    made = CliRunner().invoke(cli.main, ["fleet", "keygen", "--rules", packaged, "--config-dir", str(tmp_path),
+                                         "--key", str(key)])
+    assert made.exit_code == 0, made.output
+    assert 'recipient = "' in made.output and oct(key.stat().st_mode & 0o777) == "0o600"
