@@ -27,6 +27,12 @@ Parts, each a ratio against a baseline measured in the same run:
             in the test image): `certrelay run` until apache2, dovecot and exim4 are proven
             current vs the `docker run ... renew` before it; "not measured" (and why)
             where no Docker engine can run
+  fleet     a real etcd on loopback (tests/etcd.py): one renewal published for 1,000
+            hosts until all 1,000 watches (held by this process) have it, vs a floor
+            (files checked once, sealed per host, put 128 a transaction); 20 real
+            `certrelay subscribe` processes from publishing to all acknowledged current;
+            an idle subscriber's wake-ups and memory (apt-get install etcd-server
+            etcd-client python3-nacl)
 
 Needs: root; Debian's /usr/bin/python3 with python3-click, -pyinotify, -sdnotify; and
   apt-get install inotify-tools wrk bash time
@@ -68,6 +74,7 @@ sys.path.insert(1, str(REPO))
 import bench_cold_start  # noqa: E402
 import bench_docker  # noqa: E402
 import bench_downtime  # noqa: E402
+import bench_fleet  # noqa: E402
 import bench_idle  # noqa: E402
 import bench_latency  # noqa: E402
 import bench_reconcile  # noqa: E402
@@ -76,7 +83,7 @@ import bench_verify  # noqa: E402
 from harness import (PROCESSES, PYTHON, ROWS, ContainerOnDemand, Row, describe_host, interrupt,  # noqa: E402
                      progress, require, scratch, write_results)
 
-PARTS = ("cold", "scale", "latency", "idle", "downtime", "verify", "reconcile", "docker")
+PARTS = ("cold", "scale", "latency", "idle", "downtime", "verify", "reconcile", "docker", "fleet")
 # The tools on PATH a part needs: checked first, for one warning before a long run.
 TOOLS = {"scale": bench_scale.TOOLS, "latency": bench_latency.TOOLS, "idle": bench_idle.TOOLS,
          "downtime": bench_downtime.TOOLS}
@@ -114,6 +121,7 @@ def main(argv):
         "verify": bench_verify.run,
         "reconcile": bench_reconcile.run,
         "docker": bench_docker.run,
+        "fleet": bench_fleet.run,
     }
     failed = []
     try:
