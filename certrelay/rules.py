@@ -472,7 +472,11 @@ class Locator:
         return self._nth("[[rule]]", index)
 
     def _nth(self, name, index):
-        found = [section for section in self.sections if section[1] == name]
+        if not hasattr(self, "by_name"):  # once: a fleet of 1,000 hosts asks 1,000 times
+            self.by_name = {}
+            for section in self.sections:
+                self.by_name.setdefault(section[1], []).append(section)
+        found = self.by_name.get(name, [])
         return found[index] if index < len(found) else (1, None, {})
 
     def nth_key(self, name, index, key):

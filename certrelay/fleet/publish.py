@@ -96,7 +96,7 @@ class Publisher:
             signing_key = self.signing_key()
         except seal.KeyFileError as error:
             return {host: execute.Result(False, f"cannot publish to {host}: {error}") for host in wanted}
-        files = {}
+        files, infos = {}, {}  # per lineage, read and checked once for all its hosts
         for host, names in wanted.items():
             try:
                 recipient = seal.parse_recipient(self.hosts[host].recipient)
@@ -104,9 +104,10 @@ class Publisher:
                 for name in names:
                     if name not in files:
                         files[name] = read_lineage(self.config_dir, name)
+                        infos[name] = seal.checked(files[name])
                     # Monotonic per host and lineage, even across a lost state file: the clock.
                     sequence = max(time.time_ns() // 1000, previous.get(name, {}).get("sequence", 0) + 1)
-                    value = seal.seal(signing_key, recipient, host, name, files[name], sequence)
+                    value = seal.seal(signing_key, recipient, host, name, files[name], sequence, info=infos[name])
                     items[lineage_key(host, name)] = value
                     sealed.setdefault(host, {})[name] = (seal.peek(value)["fingerprint"], sequence)
             except (certificate.CertificateError, ValueError) as error:

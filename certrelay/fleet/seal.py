@@ -314,7 +314,16 @@ def check_label(what, value):
         raise ValueError(f"{what} {value!r} is not a usable name")
 
 
-def seal(signing_key, recipient, host, name, files, sequence, published_at=None):
+def checked(files):
+    """Return `check_files(files)` (a certinfo.CertInfo), raising ValueError instead of
+    Refused: for the publisher, which checks a lineage once for all its hosts."""
+    try:
+        return check_files(files)
+    except Refused as error:
+        raise ValueError(error.reason) from None
+
+
+def seal(signing_key, recipient, host, name, files, sequence, published_at=None, info=None):
     """Return the value to store for lineage `name` of `host` (bytes: the JSON in the
     module docstring), signed with `signing_key` (nacl.signing.SigningKey) and sealed to
     `recipient` (nacl.public.PublicKey).
@@ -337,10 +346,8 @@ def seal(signing_key, recipient, host, name, files, sequence, published_at=None)
         if len(data) > MAX_FILE:
             raise ValueError(f"{part} is larger than {MAX_FILE} bytes")
     files = {part: bytes(data) for part, data in files.items()}
-    try:
-        info = check_files(files)
-    except Refused as error:
-        raise ValueError(error.reason) from None
+    if info is None:  # given: `checked(files)` of these very files, done once for many hosts
+        info = checked(files)
     if published_at is None:
         published_at = time.time()
     recipient_text = key_text(RECIPIENT, bytes(recipient))

@@ -22,6 +22,7 @@ not_before, revision}}, "refused": {name: {revision, reason}}, "acked": {name: a
 """
 
 import datetime
+import fcntl
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 FILES = ("cert.pem", "chain.pem", "fullchain.pem", "privkey.pem")
 KEEP_GENERATIONS = 2  # the current one and the one before (a daemon may still hold it open)
-PENDING_TICK = 1.0  # seconds between looks at the host's outcome while an ack waits for it
+PENDING_TICK = 0.1  # seconds between looks at the host's outcome while an ack waits for it (briefly)
 IDLE_TICK = 30.0  # seconds between wake-ups otherwise (the watchdog wants less: see run)
 RETRY = (1.0, 60.0)  # first and longest wait before reaching etcd again
 STORE_TIMEOUT = 15.0  # seconds per etcd request: well under the unit's WatchdogSec=60s
@@ -181,6 +182,9 @@ class Subscriber:
         ack = {"host": self.subscription.host, "name": name, "fingerprint": fingerprint,
                "sequence": have.get("sequence"), "state": "pending", "reason": None, "endpoints": {}}
         refused = self.memory.data["refused"].get(name)
+        # A batch deletes the notification before it saves the ledger, all under its lock:
+        # only with the notification gone and no batch under way is the outcome final.
+        held = name in self.held() or self.batch_running()
         ledger = state.Store(self.state_dir, "ledger.json").data
         status = state.Store(self.state_dir, "status.json").data
         endpoints = (status.get("endpoints") or {}).get(name) or {}
@@ -194,7 +198,7 @@ class Subscriber:
             ack["state"] = "failed"
             ack["reason"] = "; ".join(f"{failure.get('action')}: {failure.get('error')}"
                                       for entry in kept for failure in entry.get("failed", []))[:2000]
-        elif fingerprint and name not in self.held():
+        elif fingerprint and not held:
             ack["state"] = "failed"  # the notification is gone, and nothing was done
             dropped = (status.get("dropped") or {}).get(name)
             ack["reason"] = (f"this host's certrelay dropped it: {dropped.get('reason')}" if isinstance(dropped, dict)
@@ -226,6 +230,21 @@ class Subscriber:
         failed (a retry may work), or with a notification still in the spool."""
         return sorted(self.held() | {name for name, ack in self.memory.data["acked"].items()
                                      if ack.get("state") in ("pending", "failed")})
+
+    def batch_running(self):
+        """Return True if this host's certrelay holds its state lock now (state.locked):
+        a batch is under way."""
+        try:
+            descriptor = os.open(os.path.join(self.state_dir, "lock"), os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # let go at once, by the close
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(descriptor)
 
     def held(self):
         """Return the names that have a notification in this host's spool (queue/ or
@@ -307,7 +326,8 @@ class Subscriber:
         error (raised). Events arrive through a thread so that the loop also wakes
         to look at pending acks and to feed the watchdog."""
         events = self.events = queue.Queue()
-        watch = self.store.watch(self.prefix, revision + 1, idle=idle_tick)
+        # The main loop wakes on its own (ticks, watchdog): the watch's thread need not.
+        watch = self.store.watch(self.prefix, revision + 1, idle=self.subscription.resync_interval)
 
         def pump():
             try:

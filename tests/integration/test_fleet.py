@@ -388,3 +388,25 @@ def test_the_acknowledgement_says_what_failed_on_the_host(fleet):
     assert mail.run().returncode == 0
     assert subscribe_once(mail).returncode == 0
     assert fleet.status()["mail", NAME]["state"] == "current"
+
+
+def test_while_the_hosts_batch_runs_the_acknowledgement_waits_for_it(fleet):
+    # A batch deletes the notification before it saves its ledger, under its lock: a
+    # subscriber looking in between must not call the certificate failed.
+    import fcntl
+
+    fleet.renew()
+    mail = fleet.hosts["mail"]
+    assert subscribe_once(mail).returncode == 0
+    os.makedirs(mail.state_dir, exist_ok=True)
+    lock = os.open(os.path.join(mail.state_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as state.locked: a batch under way
+        os.unlink(os.path.join(mail.spool, "queue", NAME))  # it took the notification
+        assert subscribe_once(mail).returncode == 0
+        assert fleet.status()["mail", NAME]["state"] == "pending"
+    finally:
+        os.close(lock)
+    assert subscribe_once(mail).returncode == 0  # that batch ended and acted on nothing
+    row = fleet.status()["mail", NAME]
+    assert row["state"] == "failed" and "did not act on it" in row["reason"]
