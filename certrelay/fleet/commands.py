@@ -47,14 +47,8 @@ def fleet():
               help=f"Where to write the key (default: [subscribe] identity, else {DEFAULT_IDENTITY}).")
 def keygen(config_dir, rules_path, state_dir, key_path):
     """Make this fleet host's key (X25519); print the recipient for its [[fleet.host]]."""
-    from certrelay.fleet import seal
-
-    rules = rules_or_none(rules_path, config_dir, "subscribe", "identity")
-    path = key_path or (rules.subscribe.identity if rules and rules.subscribe else DEFAULT_IDENTITY)
-    private, recipient = seal.new_identity()
-    write_key(path, private)
-    cli.logger.info("wrote %s; on the certbot host, give this host in its rules file:", path)
-    click.echo(f'recipient = "{recipient}"')
+    make_key(key_path, rules_path, config_dir, ("subscribe", "identity", DEFAULT_IDENTITY), "new_identity",
+             "recipient", "on the certbot host, give this host in its rules file:")
 
 
 @fleet.command()
@@ -64,14 +58,23 @@ def keygen(config_dir, rules_path, state_dir, key_path):
 def init(config_dir, rules_path, state_dir, key_path):
     """Make the certbot host's signing key (Ed25519); print the publisher key for
     every fleet host's [subscribe]."""
+    make_key(key_path, rules_path, config_dir, ("fleet", "signing-key", DEFAULT_SIGNING_KEY), "new_signing_key",
+             "publisher", "on every fleet host, give in [subscribe]:")
+
+
+def make_key(key_path, rules_path, config_dir, where, maker, printed, then):
+    """Write a new key made by seal.`maker` to `key_path`, else to the path the rules'
+    table and key in `where` name, else to its default; print `printed = "..."`."""
     from certrelay.fleet import seal
 
-    rules = rules_or_none(rules_path, config_dir, "fleet", "signing-key")
-    path = key_path or (rules.fleet.signing_key if rules and rules.fleet else DEFAULT_SIGNING_KEY)
-    private, publisher = seal.new_signing_key()
+    table, key, default = where
+    rules = rules_or_none(rules_path, config_dir, table, key)
+    section = getattr(rules, table) if rules else None
+    path = key_path or (getattr(section, key.replace("-", "_")) if section else default)
+    private, public = getattr(seal, maker)()
     write_key(path, private)
-    cli.logger.info("wrote %s; on every fleet host, give in [subscribe]:", path)
-    click.echo(f'publisher = "{publisher}"')
+    cli.logger.info("wrote %s; %s", path, then)
+    click.echo(f'{printed} = "{public}"')
 
 
 def write_key(path, text):
