@@ -213,7 +213,10 @@ def test_single_file_bind_mount_serves_the_old_certificate_and_certrelay_says_mo
         # The certificate of the day the container started (older renewals came since).
         assert services.serial(WEB_FILE_PORT) == services.first["web-file"] != new, services.explain("web-file")
         for said in (output, world.certrelay("verify")[1]):
-            lines = [line for line in said.splitlines() if f"https://127.0.0.1:{WEB_FILE_PORT}" in line]
+            # Only the verdict: Pebble's certificates live minutes, so on a slow machine the
+            # same endpoint may also get an expiry warning line.
+            lines = [line for line in said.splitlines() if f"https://127.0.0.1:{WEB_FILE_PORT}" in line
+                     and "serves a certificate that expires in" not in line]
             assert len(lines) == 1, said
             assert f"still serves an OLD certificate of {NAME}" in lines[0], lines[0]
             assert "bind-mounted as a single file" in lines[0] and "mount the directory" in lines[0], lines[0]
