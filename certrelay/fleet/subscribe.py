@@ -105,6 +105,7 @@ class Subscriber:
         if have and opened.fingerprint == have.get("fingerprint"):
             # Published again (a catch-up after a crash, a store restored): nothing to do.
             have.update(sequence=opened.sequence, revision=kv.mod_revision)
+            self.memory.data["refused"].pop(name, None)  # a refusal before it no longer stands
             self.save()
             return False
         self.install(name, opened.sequence, opened.files)
@@ -145,20 +146,12 @@ class Subscriber:
         for file in FILES:
             files.write_atomically(os.path.join(generation, file), contents[file],
                                    0o600 if file == "privkey.pem" else 0o644)
-        switch = os.path.join(archive, f".current.{os.getpid()}")
-        if os.path.lexists(switch):
-            os.unlink(switch)
-        os.symlink(str(sequence), switch)
-        os.replace(switch, os.path.join(archive, "current"))  # the one rename
+        replace_link(str(sequence), os.path.join(archive, "current"))  # the one rename
         for file in FILES:
             link = os.path.join(live, file)
             target = f"../../archive/{name}/current/{file}"
             if not (os.path.islink(link) and os.readlink(link) == target):
-                swap = f"{link}.{os.getpid()}.tmp"
-                if os.path.lexists(swap):
-                    os.unlink(swap)
-                os.symlink(target, swap)
-                os.replace(swap, link)
+                replace_link(target, link)
         fsync_directory(archive)
         self.prune(archive, sequence)
 
@@ -395,6 +388,15 @@ def notify(config_dir, name, domains):
     temporary = os.path.join(root, "tmp", f"{name}.fleet.{os.getpid()}")
     files.write_atomically(temporary, text.encode("utf-8"), 0o644)
     os.replace(temporary, os.path.join(root, "queue", name))
+
+
+def replace_link(target, path):
+    """Make `path` a symbolic link to `target` in one rename (a temp link beside it first)."""
+    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    if os.path.lexists(temporary):  # left by a crashed subscriber with our PID
+        os.unlink(temporary)
+    os.symlink(target, temporary)
+    os.replace(temporary, path)
 
 
 def fsync_directory(path):
