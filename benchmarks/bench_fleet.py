@@ -56,7 +56,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench_idle import process_sample
+from bench_idle import side_by_side
 from harness import NOTES, PROCESSES, PYTHON, REPO, ROWS, Row, progress, ratio, rotated, seconds, wait_for
 from sandbox import NotifySocket, Sandbox, install_certrelay
 
@@ -832,13 +832,7 @@ def idle_subscriber(work, wrapper, host):
                                             notify=sockets[command], WATCHDOG_USEC="60000000")
             sockets[command].wait_for("READY=1", 30)
         processes["sleep"] = PROCESSES.start(["sleep", str(IDLE_SECONDS + 30)])
-        time.sleep(1.0)  # past start-up
-        progress(f"fleet: idle subscriber, {', '.join(processes)} side by side for {IDLE_SECONDS} s")
-        before = {label: process_sample(process.pid) for label, process in processes.items()}
-        started = time.monotonic()
-        time.sleep(IDLE_SECONDS)
-        after = {label: process_sample(process.pid) for label, process in processes.items()}
-        elapsed = time.monotonic() - started
+        before, after, started, elapsed = side_by_side(processes, "fleet: idle subscriber", IDLE_SECONDS)
         pings = {label: sockets[command].count("WATCHDOG=1", since=started)
                  for label, command in (("certrelay subscribe", "subscribe"), ("certrelay watch", "watch"))}
         threads = len(os.listdir(f"/proc/{processes['certrelay subscribe'].pid}/task"))

@@ -38,6 +38,20 @@ def process_sample(pid):
     return {"switches": switches, "ticks": ticks, "runtime": runtime, "rss": rss}
 
 
+def side_by_side(processes, part, seconds=None):
+    """Sample {label: process} (each started just before) over `seconds` (IDLE_SECONDS)
+    after a second past start-up; return (before, after: {label: process_sample}, the
+    monotonic start, the seconds elapsed)."""
+    seconds = IDLE_SECONDS if seconds is None else seconds
+    time.sleep(1.0)  # past start-up
+    progress(f"{part}: {', '.join(processes)} side by side for {seconds} s")
+    before = {label: process_sample(process.pid) for label, process in processes.items()}
+    started = time.monotonic()
+    time.sleep(seconds)
+    after = {label: process_sample(process.pid) for label, process in processes.items()}
+    return before, after, started, time.monotonic() - started
+
+
 def run(work):
     missing = require(*TOOLS)
     wrapper = install_certrelay("", work / "install")
@@ -53,13 +67,7 @@ def run(work):
                 ["inotifywait", "-m", "-q", "-e", "moved_to,close_write", str(other)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         processes["sleep"] = PROCESSES.start(["sleep", str(IDLE_SECONDS + 30)])
-        time.sleep(1.0)  # past start-up
-        progress(f"idle: {', '.join(processes)} side by side for {IDLE_SECONDS} s")
-        before = {label: process_sample(process.pid) for label, process in processes.items()}
-        started = time.monotonic()
-        time.sleep(IDLE_SECONDS)
-        after = {label: process_sample(process.pid) for label, process in processes.items()}
-        elapsed = time.monotonic() - started
+        before, after, started, elapsed = side_by_side(processes, "idle")
         pings = notify.count("WATCHDOG=1", since=started)
         for process in processes.values():
             PROCESSES.stop(process)
