@@ -58,6 +58,8 @@ def server_certificate(authority, names=("localhost",), addresses=("127.0.0.1", 
         .public_key(key.public_key()).serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
         .add_extension(x509.SubjectAlternativeName(alternative), critical=False)
+        # Python 3.13's default context (VERIFY_X509_STRICT) refuses a certificate without it.
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(authority.key.public_key()), critical=False)
         # serverAuth is what clients check; clientAuth too lets the one certificate serve any role.
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                        critical=False)
