@@ -52,8 +52,8 @@ class Publisher:
 
     @property
     def published(self):
-        published = self.ledger.data.setdefault("published", {})
-        return published
+        """{host: {name: what was published}}, from STATE_DIR/fleet.json."""
+        return self.ledger.data.setdefault("published", {})
 
     def etcd(self, method, *arguments, **options):
         """Call store.Store's `method`; once one call of this batch could not reach etcd
